@@ -1,0 +1,36 @@
+# make test: a fresh machine to a passing suite. make demo: to a running demo.
+# Both create .venv when it is missing or when DEPS changed, then build the extension.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := torch==2.14.1 numpy ninja pybind11 setuptools wheel tqdm pytest traker==0.3.2 scikit-learn scipy matplotlib
+STAMP := $(VENV)/.deps-$(shell echo '$(DEPS)' | sha1sum | cut -c1-12)
+# torch's toolkit detection can pick /usr/local; point it at the real toolkit when present.
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= 2
+
+.PHONY: test demo install info bench clean
+
+$(STAMP):
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(DEPS)
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m trak_fast demo
+
+info: install
+	$(PY) -m trak_fast info
+
+bench: install
+	$(PY) benchmarks/bench_project.py
+
+clean:
+	rm -rf build trak_fast/_C*.so trak_fast/_build_info.py *.egg-info

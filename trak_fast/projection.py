@@ -1,0 +1,199 @@
+"""The random projection: ``project`` and its oracle ``projection_matrix``.
+
+The matrix. ``P = R / sqrt(proj_dim)``, where ``R[i, j]`` is a pure function of
+``(seed, i, j, kind)`` (Philox4x32-10 counter-based hashing; the exact definition is in
+``csrc/include/trak_fast/random_matrix.h`` and the README). ``kind="rademacher"`` gives
+entries ``+-1/sqrt(k)``, ``kind="gaussian"`` entries ``N(0, 1/k)``; either way
+``E ||P^T g||^2 = ||g||^2``. P is never stored: its tiles are generated where they are used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _ops
+
+Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+_MAX_SEED = 2**63
+_MAX_OFFSET = 2**62
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return value
+
+
+def _check_kind(kind: str) -> int:
+    if kind not in _ops.KINDS:
+        raise ValueError(f"kind must be one of {sorted(_ops.KINDS)}, got {kind!r}")
+    return _ops.KINDS[kind]
+
+
+def _check_precision(precision: str) -> int:
+    if precision not in _ops.PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_ops.PRECISIONS)}, got {precision!r}")
+    return _ops.PRECISIONS[precision]
+
+
+def _as_pieces(grads: Grads) -> list:
+    """Validates ``grads`` and returns it as a list of [B, ...] tensors (no copies)."""
+    if isinstance(grads, torch.Tensor):
+        if grads.dim() != 2:
+            raise ValueError(
+                f"grads must be a 2-D tensor [B, n] (or a sequence of [B, ...] tensors), "
+                f"got a tensor of shape {tuple(grads.shape)}"
+            )
+        pieces = [grads]
+    elif isinstance(grads, dict):
+        pieces = list(grads.values())
+    elif isinstance(grads, (list, tuple)):
+        pieces = list(grads)
+    else:
+        raise TypeError(
+            f"grads must be a tensor or a sequence of tensors, got {type(grads).__name__}"
+        )
+    if not pieces:
+        raise ValueError("grads must hold at least one tensor, got an empty sequence")
+    for t, g in enumerate(pieces):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grads[{t}] must be a tensor, got {type(g).__name__}")
+        if g.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"grads[{t}] must be float16, bfloat16, float32 or float64, got {g.dtype}"
+            )
+        if g.dim() < 1:
+            raise ValueError(f"grads[{t}] must have a batch dimension [B, ...], got a 0-d tensor")
+        if g.shape[0] != pieces[0].shape[0]:
+            raise ValueError(
+                f"grads[{t}] has batch size {g.shape[0]}, expected {pieces[0].shape[0]} "
+                "(the batch size of grads[0])"
+            )
+        if g.device != pieces[0].device:
+            raise ValueError(
+                f"grads[{t}] is on {g.device}, expected {pieces[0].device} (the device of grads[0])"
+            )
+    return pieces
+
+
+def project(
+    grads: Grads,
+    proj_dim: int,
+    *,
+    seed: int = 0,
+    kind: str = "rademacher",
+    feature_offset: int = 0,
+    out: Optional[torch.Tensor] = None,
+    precision: str = "fp32",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    r"""Projects per-example feature rows onto ``proj_dim`` random directions.
+
+    ``out[b, j] = sum_i grads[b, i] * P[feature_offset + i, j]`` with
+    ``P = R / sqrt(proj_dim)`` generated on the fly from ``seed`` (never stored).
+
+    Args:
+        grads: a ``[B, n]`` tensor, or a sequence (or dict) of ``[B, ...]`` tensors, e.g.
+            the per-parameter gradients that ``torch.func`` returns. A sequence is one
+            feature row per example: each piece's per-example slice flattened, the pieces
+            concatenated in order, without ever copying them into one ``[B, n]`` buffer.
+            float16, bfloat16, float32 or float64; any strides; CPU or CUDA.
+        proj_dim: ``k``, the number of output features (any positive int).
+        seed: selects the matrix; any int in ``[0, 2**63)``.
+        kind: ``"rademacher"`` (entries ``+-1/sqrt(k)``) or ``"gaussian"`` (``N(0, 1/k)``).
+        feature_offset: index of the first row of P used, so that
+            ``project(a, k) + project(b, k, feature_offset=a_width) == project([a, b], k)``.
+        out: optional ``[B, k]`` tensor to **add** the projection into (and return).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the CUDA kernel
+            (see the README for each one's error). The CPU always computes in fp32 (fp64
+            for fp64 input).
+        scale: multiplies the result instead of ``1/sqrt(k)``; ``scale=1`` gives the
+            unscaled matrix R (the convention of MadryLab's trak).
+
+    Returns:
+        ``[B, k]``, float32 (float64 when any input is float64), or ``out``.
+
+    The op is not differentiable: backpropagating through it raises an error.
+    """
+    pieces = _as_pieces(grads)
+    _check_int("proj_dim", proj_dim, 1, 2**31)
+    _check_int("seed", seed, 0, _MAX_SEED)
+    _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET)
+    kind_id = _check_kind(kind)
+    precision_id = _check_precision(precision)
+    scale = 1.0 / math.sqrt(proj_dim) if scale is None else float(scale)
+    batch = pieces[0].shape[0]
+    needs_grad = torch.is_grad_enabled() and any(g.requires_grad for g in pieces)
+
+    if out is None:
+        return _ops.ops.project(pieces, proj_dim, seed, kind_id, feature_offset, scale, precision_id)
+
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    expected_dtype = _ops.result_dtype(pieces)
+    if tuple(out.shape) != (batch, proj_dim):
+        raise ValueError(f"out must have shape ({batch}, {proj_dim}), got {tuple(out.shape)}")
+    if out.dtype != expected_dtype:
+        raise TypeError(f"out must have dtype {expected_dtype} for these grads, got {out.dtype}")
+    if out.device != pieces[0].device:
+        raise ValueError(f"out is on {out.device}, expected {pieces[0].device} (the device of grads)")
+    if needs_grad:
+        # Keep autograd's view of the computation (and its clear error on backward).
+        return out.add_(_ops.ops.project(pieces, proj_dim, seed, kind_id, feature_offset, scale,
+                                         precision_id))
+    _ops.ops.project_add_(out, pieces, seed, kind_id, feature_offset, scale, precision_id)
+    return out
+
+
+def projection_matrix(
+    n: int,
+    proj_dim: int,
+    *,
+    seed: int = 0,
+    kind: str = "rademacher",
+    feature_offset: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Rows ``feature_offset .. feature_offset + n - 1`` of P, materialized: ``[n, proj_dim]``.
+
+    The oracle for every fast path (``project(g, k) == g @ projection_matrix(n, k)`` up to
+    rounding) and a debugging tool. Entries are defined in float32; for ``dtype=float64``
+    the float32 entry is scaled in float64. ``scale`` as in :func:`project`.
+    """
+    _check_int("n", n, 0, _MAX_OFFSET)
+    _check_int("proj_dim", proj_dim, 1, 2**31)
+    _check_int("seed", seed, 0, _MAX_SEED)
+    _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET - n)
+    kind_id = _check_kind(kind)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    scale = 1.0 / math.sqrt(proj_dim) if scale is None else float(scale)
+    out = torch.empty((n, proj_dim), device=device, dtype=dtype)
+    _ops.ops.fill_projection_matrix_(out, seed, kind_id, feature_offset, scale)
+    return out
+
+
+def model_seed(seed: int, model_id: int) -> int:
+    """The matrix seed of checkpoint ``model_id`` in an ensemble seeded with ``seed``.
+
+    ``SplitMix64(seed * 0x9E3779B97F4A7C15 + model_id mod 2^64)`` with the top bit
+    cleared, so it lies in ``[0, 2^63)``. Part of the on-disk format: stores record
+    ``seed`` and each ``model_id``, and this function turns them into matrices.
+    """
+    _check_int("seed", seed, 0, _MAX_SEED)
+    _check_int("model_id", model_id, 0, _MAX_SEED)
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + model_id) & mask
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return z & ((1 << 63) - 1)
