@@ -127,10 +127,10 @@ TF_HD float definition_log(float u) {
   const uint32_t bits = tf_float_bits(u);
   int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127;
   float m = tf_bits_float((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
-  if (m > 1.41421356f) {
-    m = tf_mul(m, 0.5f);
-    e += 1;
-  }
+  // Branch-free, so that the CPU can vectorize a loop of these.
+  const bool high = m > 1.41421356f;
+  m = high ? tf_mul(m, 0.5f) : m;
+  e += high ? 1 : 0;
   const float s = tf_div(tf_sub(m, 1.0f), tf_add(m, 1.0f));
   const float s2 = tf_mul(s, s);
   float poly = 0.11111111f;                        // 1/9
@@ -170,14 +170,13 @@ TF_HD void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   c = tf_add(tf_mul(c, p2), 4.1666668e-02f);  // 1/4!
   c = tf_sub(tf_mul(c, p2), 0.5f);            // 1/2!
   c = tf_add(tf_mul(c, p2), 1.0f);
-  // Rotate (c, s) by `quarter` quarter turns; negation is exact.
-  float cos_a, sin_a;
-  switch (quarter) {
-    case 0: cos_a = c; sin_a = s; break;
-    case 1: cos_a = -s; sin_a = c; break;
-    case 2: cos_a = -c; sin_a = -s; break;
-    default: cos_a = s; sin_a = -c; break;
-  }
+  // Rotate (c, s) by `quarter` quarter turns: (c, s), (-s, c), (-c, -s), (s, -c).
+  // Negation is exact; written with selects so the CPU can vectorize it.
+  const bool odd = (quarter & 1u) != 0;
+  const float x = odd ? s : c;
+  const float y = odd ? c : s;
+  const float cos_a = (quarter == 1u || quarter == 2u) ? -x : x;
+  const float sin_a = (quarter >= 2u) ? -y : y;
   z0 = tf_mul(r, cos_a);
   z1 = tf_mul(r, sin_a);
 }

@@ -1,0 +1,282 @@
+r"""``Projector``: the projection as an object, for codebases that pass a projector around.
+
+A ``Projector`` is a frozen bundle of the settings of :func:`trak_fast.project`
+(``proj_dim``, ``seed``, ``kind``, ``precision``, ``scale``) that is called on gradients:
+
+.. code-block:: python
+
+    proj = Projector(2048, seed=0)
+    feats = proj(grads)                # grads: [B, n] tensor, list/tuple or dict of [B, ...]
+    feats = proj(grads, model_id=3)    # checkpoint 3 of an ensemble: its own matrix
+
+The math is that of :func:`trak_fast.project`: for the matrix seed ``s``,
+
+.. math::
+
+    \text{out}[b, j] = c \sum_i g[b, i]\, R_s[\text{feature\_offset} + i, j],
+    \qquad c = \text{scale} \text{ (default } 1/\sqrt{k}),
+
+with ``R_s`` entries ``+-1`` (``kind="rademacher"``) or ``N(0, 1)`` (``kind="gaussian"``).
+The seed ``s`` of a call is
+
+- ``seed`` when neither ``model_id`` nor ``seed_offset`` is given;
+- ``trak_fast.model_seed(seed, model_id)`` for ``model_id=...``: the ensemble convention
+  that trak_fast's own stores use, so features made here match theirs;
+- ``seed + seed_offset`` for ``seed_offset=...``: for callers that already derive their
+  own per-model seeds (e.g. trak's ``seed + 10_000 * model_id``) and want that exact seed.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .projection import model_seed, project, projection_matrix
+
+Grads = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+
+_MAX_SEED = 2**63
+_KINDS = ("rademacher", "gaussian")
+_PRECISIONS = ("fp32", "tf32", "bf16")
+
+__all__ = ["Projector"]
+
+
+def as_int(name: str, value: Any, low: int = 0, high: int = _MAX_SEED) -> int:
+    """``value`` as a Python int in ``[low, high)``; numpy and 0-d integer tensors are accepted.
+
+    Raises ``TypeError`` naming ``name`` for anything that is not an integer (bools and floats
+    included), ``ValueError`` when out of range.
+    """
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not low <= result < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {result}")
+    return result
+
+
+def dict_pieces(grads: Mapping[str, torch.Tensor]) -> list:
+    """The values of a ``{name: [B, ...]}`` gradient dict, in order, checked with key names.
+
+    ``trak_fast.project`` checks pieces too, but by position; a dict deserves errors that
+    name the parameter (``'fc.weight' has batch size 3, expected 4``).
+    """
+    if len(grads) == 0:
+        raise ValueError("grads must hold at least one tensor, got an empty dict")
+    pieces = []
+    first_key, batch = None, None
+    for key, g in grads.items():
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grads[{key!r}] must be a tensor, got {type(g).__name__}")
+        if g.dim() < 1:
+            raise ValueError(f"grads[{key!r}] must have a batch dimension [B, ...], got a 0-d tensor")
+        if batch is None:
+            first_key, batch = key, g.shape[0]
+        elif g.shape[0] != batch:
+            raise ValueError(
+                f"grads[{key!r}] has batch size {g.shape[0]}, expected {batch} "
+                f"(the batch size of grads[{first_key!r}]): every per-parameter gradient "
+                "must hold the same examples"
+            )
+        pieces.append(g)
+    return pieces
+
+
+class Projector:
+    r"""A reusable random projection ``[B, n] -> [B, proj_dim]`` (see the module docstring).
+
+    Args:
+        proj_dim: ``k``, the number of output features.
+        seed: the base seed, any int in ``[0, 2**63)``.
+        kind: ``"rademacher"`` or ``"gaussian"``.
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the CUDA kernel's arithmetic
+            (the CPU always computes in fp32, fp64 for fp64 input).
+        scale: the factor ``c`` in front of the sum; ``None`` gives ``1/sqrt(k)``, so that
+            ``E ||proj(g)||^2 = ||g||^2``; ``1.0`` gives the unscaled matrix (trak's convention).
+
+    Instances are immutable, hashable and compare equal when their settings are equal;
+    calling one is traceable by ``torch.compile(fullgraph=True)``.
+    """
+
+    __slots__ = ("_proj_dim", "_seed", "_kind", "_precision", "_scale")
+
+    def __init__(
+        self,
+        proj_dim: int,
+        *,
+        seed: int = 0,
+        kind: str = "rademacher",
+        precision: str = "fp32",
+        scale: Optional[float] = None,
+    ) -> None:
+        proj_dim = as_int("proj_dim", proj_dim, 1, 2**31)
+        seed = as_int("seed", seed)
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {list(_KINDS)}, got {kind!r}")
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {precision!r}")
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+            scale = float(scale)
+        object.__setattr__(self, "_proj_dim", proj_dim)
+        object.__setattr__(self, "_seed", seed)
+        object.__setattr__(self, "_kind", str(kind))
+        object.__setattr__(self, "_precision", str(precision))
+        object.__setattr__(self, "_scale", scale)
+
+    # Read-only settings: a projector that changes under a running pipeline would silently
+    # mix matrices, so there are no setters (use ``replace``).
+    @property
+    def proj_dim(self) -> int:
+        return self._proj_dim
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def scale(self) -> Optional[float]:
+        return self._scale
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Projector is immutable; use projector.replace({name}=...) instead")
+
+    def replace(self, **changes: Any) -> "Projector":
+        """A copy with some settings changed, e.g. ``proj.replace(proj_dim=4096)``."""
+        settings = self.to_dict()
+        unknown = set(changes) - set(settings)
+        if unknown:
+            raise TypeError(f"replace() got unknown settings {sorted(unknown)}; known: {sorted(settings)}")
+        settings.update(changes)
+        return Projector(**settings)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings as a JSON-serializable dict; ``Projector(**d)`` rebuilds the projector."""
+        return {
+            "proj_dim": self._proj_dim,
+            "seed": self._seed,
+            "kind": self._kind,
+            "precision": self._precision,
+            "scale": self._scale,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"Projector({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Projector):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __reduce__(self):
+        # The default slot-state pickling would go through the blocked __setattr__.
+        return (_from_settings, (self.to_dict(),))
+
+    def seed_for(self, model_id: Optional[int] = None, seed_offset: Optional[int] = None) -> int:
+        """The matrix seed used for a call with these ``model_id`` / ``seed_offset`` arguments.
+
+        ``seed``; ``model_seed(seed, model_id)``; or ``seed + seed_offset`` (at most one of
+        the two may be given). Two calls use the same matrix exactly when this is equal.
+        """
+        if model_id is not None and seed_offset is not None:
+            raise ValueError(
+                "pass model_id or seed_offset, not both: model_id derives the seed with "
+                "trak_fast.model_seed(seed, model_id), seed_offset adds to seed directly"
+            )
+        if model_id is not None:
+            return model_seed(self._seed, as_int("model_id", model_id))
+        if seed_offset is not None:
+            offset = as_int("seed_offset", seed_offset)
+            if self._seed + offset >= _MAX_SEED:
+                raise ValueError(
+                    f"seed + seed_offset must be below 2**63, got {self._seed} + {offset}"
+                )
+            return self._seed + offset
+        return self._seed
+
+    def __call__(
+        self,
+        grads: Grads,
+        *,
+        model_id: Optional[int] = None,
+        seed_offset: Optional[int] = None,
+        feature_offset: int = 0,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        r"""Projects ``grads``: ``[B, n]`` (or pieces of ``[B, ...]``) to ``[B, proj_dim]``.
+
+        Args:
+            grads: a ``[B, n]`` tensor; a list or tuple of ``[B, ...]`` tensors; or a dict
+                ``{name: [B, ...]}`` (as ``torch.func`` returns), projected in insertion
+                order. Pieces are treated as one feature row per example, never concatenated.
+            model_id: checkpoint id in an ensemble; the matrix seed is
+                ``model_seed(seed, model_id)``.
+            seed_offset: alternatively, the matrix seed is ``seed + seed_offset``.
+            feature_offset: index of the first matrix row used (projecting a model in slices:
+                ``proj(a) + proj(b, feature_offset=a_width) == proj([a, b])``).
+            out: optional ``[B, proj_dim]`` tensor to **add** the result into (and return).
+
+        Returns:
+            ``out[b, j] = c * sum_i grads[b, i] * R_s[feature_offset + i, j]``: ``[B, proj_dim]``
+            float32 (float64 when any input is float64), on the device of ``grads``.
+        """
+        if isinstance(grads, Mapping):
+            grads = dict_pieces(grads)
+        return project(
+            grads,
+            self._proj_dim,
+            seed=self.seed_for(model_id, seed_offset),
+            kind=self._kind,
+            feature_offset=feature_offset,
+            out=out,
+            precision=self._precision,
+            scale=self._scale,
+        )
+
+    def matrix(
+        self,
+        n: int,
+        *,
+        model_id: Optional[int] = None,
+        seed_offset: Optional[int] = None,
+        feature_offset: int = 0,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The ``[n, proj_dim]`` matrix ``c * R_s`` that ``__call__`` applies, materialized.
+
+        ``proj(g, model_id=m) == g @ proj.matrix(g.shape[1], model_id=m)`` up to rounding.
+        For tests and debugging: it costs ``n * proj_dim`` memory that ``__call__`` avoids.
+        """
+        return projection_matrix(
+            n,
+            self._proj_dim,
+            seed=self.seed_for(model_id, seed_offset),
+            kind=self._kind,
+            feature_offset=feature_offset,
+            device=device,
+            dtype=dtype,
+            scale=self._scale,
+        )
+
+
+def _from_settings(settings: Dict[str, Any]) -> Projector:
+    return Projector(**settings)
