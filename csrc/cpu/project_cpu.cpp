@@ -22,9 +22,24 @@ namespace trak_fast {
 namespace {
 
 // A thread's tile of R holds at most kTileElems entries (512 KiB in float32: it stays in
-// the core's L2 between generation and the GEMM) and at most kTileCols columns.
+// the core's L2 between generation and the GEMM).
 constexpr int64_t kTileElems = int64_t(1) << 17;
-constexpr int64_t kTileCols = 2048;  // a multiple of kRademacherBlockCols
+// Output columns per chunk of work: a multiple of kRademacherBlockCols.
+constexpr int64_t kChunkCols = 256;
+
+// MKL's result for a GEMM can depend on how many threads it uses. Inside a chunk we want
+// one thread, always. MKL_Set_Num_Threads_Local (the C entry point; the lower-case name is
+// the Fortran one, taking a pointer) is thread-local; weak, so absent without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+struct SerialBlas {
+  int previous = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 // kSignTable[byte] holds the 8 entries (+1 / -1) that the bits of `byte` encode.
 template <typename scalar_t>
@@ -207,28 +222,24 @@ namespace {
 // one tile of R at a time: generate it into a small buffer, multiply with BLAS.
 void project_columns(const at::Tensor& acc, at::TensorList grads, uint64_t seed, int64_t kind,
                      int64_t feature_offset, double scale, int64_t col0, int64_t col1) {
-  const int64_t batch = acc.size(0);
+  const int64_t batch = acc.size(0), ncols = col1 - col0;
   const at::ScalarType dtype = acc.scalar_type();
-  const int64_t tile_cols = std::min(col1 - col0, kTileCols);
-  const int64_t tile_rows = std::max<int64_t>(64, kTileElems / tile_cols);
-  at::Tensor tile = at::empty({tile_rows, tile_cols}, acc.options());
+  const int64_t tile_rows = kTileElems / kChunkCols;
+  at::Tensor tile = at::empty({tile_rows, ncols}, acc.options());
+  at::Tensor acc_cols = acc.narrow(1, col0, ncols);
   int64_t offset = feature_offset;
   for (const at::Tensor& piece : grads) {
     const at::Tensor g = piece.reshape({batch, -1});
     const int64_t width = g.size(1);
-    for (int64_t c = col0; c < col1; c += tile_cols) {
-      const int64_t ncols = std::min(tile_cols, col1 - c);
-      at::Tensor acc_cols = acc.narrow(1, c, ncols);
-      for (int64_t row0 = 0; row0 < width; row0 += tile_rows) {
-        const int64_t nrows = std::min(tile_rows, width - row0);
-        AT_DISPATCH_FLOATING_TYPES(dtype, "trak_fast_generate_tile", [&] {
-          generate_tile<scalar_t>(kind, seed, static_cast<uint64_t>(offset + row0), nrows, c,
-                                  ncols, tile.data_ptr<scalar_t>(), tile_cols);
-        });
-        // Converts fp16 / bf16 one slice at a time, so no full-size copy is made.
-        const at::Tensor g_slice = g.narrow(1, row0, nrows).to(dtype);
-        acc_cols.addmm_(g_slice, tile.narrow(0, 0, nrows).narrow(1, 0, ncols), 1, scale);
-      }
+    for (int64_t row0 = 0; row0 < width; row0 += tile_rows) {
+      const int64_t nrows = std::min(tile_rows, width - row0);
+      AT_DISPATCH_FLOATING_TYPES(dtype, "trak_fast_generate_tile", [&] {
+        generate_tile<scalar_t>(kind, seed, static_cast<uint64_t>(offset + row0), nrows, col0,
+                                ncols, tile.data_ptr<scalar_t>(), ncols);
+      });
+      // Converts fp16 / bf16 one slice at a time, so no full-size copy is made.
+      const at::Tensor g_slice = g.narrow(1, row0, nrows).to(dtype);
+      acc_cols.addmm_(g_slice, tile.narrow(0, 0, nrows), 1, scale);
     }
     offset += width;
   }
@@ -243,19 +254,18 @@ void project_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, 
   if (out.size(0) == 0 || k == 0) return;
   // BLAS accumulates into a contiguous target; copy back only if out is strided.
   at::Tensor acc = out.is_contiguous() ? out : out.contiguous();
-  // Split the output columns, in whole Philox blocks, between the threads: each thread
-  // generates its own tiles and runs single-threaded GEMMs into its own columns, so the
-  // tiles stay in its cache and no reduction is needed. With one chunk (small k or one
-  // thread), generation and BLAS are parallel inside instead.
-  const int64_t blocks = (k + kRademacherBlockCols - 1) / kRademacherBlockCols;
-  const int64_t chunks = std::min<int64_t>(blocks, at::get_num_threads());
-  const int64_t chunk_cols = ((blocks + chunks - 1) / chunks) * kRademacherBlockCols;
+  // The output columns are cut into chunks of kChunkCols, a function of k alone, and the
+  // threads share out the chunks. Each chunk generates its own tiles and runs
+  // single-threaded GEMMs into its own columns: tiles stay in the core's cache, no
+  // reduction is needed, and every output element is summed in the same order whatever
+  // the thread count, so results are bitwise reproducible across machines' thread counts.
+  const int64_t chunks = (k + kChunkCols - 1) / kChunkCols;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t col0 = chunk * chunk_cols, col1 = std::min(k, col0 + chunk_cols);
-      if (col0 < col1)
-        project_columns(acc, grads, static_cast<uint64_t>(seed), kind, feature_offset, scale,
-                        col0, col1);
+      const int64_t col0 = chunk * kChunkCols;
+      project_columns(acc, grads, static_cast<uint64_t>(seed), kind, feature_offset, scale,
+                      col0, std::min(k, col0 + kChunkCols));
     }
   });
   if (!acc.is_same(out)) out.copy_(acc);

@@ -1,0 +1,171 @@
+"""The kernel ``K = Phi^T Phi``, its damping, and a solve that never fails.
+
+Shapes: ``Phi [n, k]`` (n train rows, k features). The kernel is accumulated in float64 over
+row blocks, so ``Phi`` can be a disk-backed memmap larger than memory::
+
+    K = sum_blocks Phi_b^T Phi_b                                    # [k, k], float64
+
+**Damping.** Scores use ``(K + lambda I)^-1``. A fixed ``lambda`` means different things for
+different models, layers and feature scalings, so by default it is relative::
+
+    lambda = lambda_rel * tr(K) / n           # tr(K) / n = mean squared feature norm
+
+which is invariant to rescaling ``Phi`` (scores are then unchanged by any feature scale).
+``DEFAULT_LAMBDA_REL = 3.0``, chosen with the LDS harness (``benchmarks/lds.py``, results in
+``benchmarks/results/lds.md``): at k = 512 and M = 1 / 5 / 20 checkpoints, lambda_rel = 3 gave
+the best linear datamodeling score of the sweep 0.01 .. 100 on digits (MLP 64-128-10: 0.548 /
+0.589 / 0.591, against 0.518 / 0.567 / 0.568 at 1 and 0.26 / 0.32 / 0.34 at 0.01) and on a
+deeper digits MLP, and beat lambda_rel = 1 in all nine columns of three problems. On the
+second data set (breast_cancer) the LDS keeps rising with damping up to the gradient dot
+product (lambda -> infinity); no default suits every problem, so tune it when it matters.
+Heavy damping is what makes TRAK's linearisation useful: with k > n the undamped kernel is
+singular.
+
+**Solve.** Damped Cholesky of ``K + lambda I`` in float64. When ``lambda = 0`` or the factorization
+fails (a singular kernel), an eigendecomposition gives the pseudo-inverse instead (eigenvalues
+below ``k * eps * max eigenvalue`` are dropped), so the solve never fails.
+
+**Dual form.** When ``k > n`` the ``n x n`` Gram matrix ``G = Phi Phi^T`` is smaller, and
+``Phi (Phi^T Phi + lambda I)^-1 = (Phi Phi^T + lambda I)^-1 Phi`` gives the same scores
+(``tr(G) = tr(K)``, so the damping is the same). :func:`compute_kernel` picks the smaller one.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+
+#: Relative damping lambda_rel (lambda = lambda_rel * tr(Phi^T Phi) / n). Chosen with the LDS
+#: harness on digits and checked on two more problems (see the module docstring); change it
+#: here and nowhere else.
+DEFAULT_LAMBDA_REL = 3.0
+
+#: Rows of Phi moved to the compute device at a time.
+DEFAULT_BLOCK_ROWS = 8192
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def rows(phi: ArrayLike, start: int, stop: int, device: torch.device,
+         dtype: torch.dtype) -> torch.Tensor:
+    """``phi[start:stop]`` as a tensor on ``device`` in ``dtype`` (works for numpy memmaps)."""
+    block = phi[start:stop]
+    if isinstance(block, np.ndarray):
+        block = torch.from_numpy(np.array(block))  # a private, writable copy of the rows
+    return block.to(device=device, dtype=dtype)
+
+
+def _shape(phi: ArrayLike, name: str = "phi") -> tuple:
+    if not isinstance(phi, (torch.Tensor, np.ndarray)) or phi.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D tensor or array [n, k], got "
+                         f"{getattr(phi, 'shape', type(phi).__name__)}")
+    return tuple(phi.shape)
+
+
+def kernel_matrix(phi: ArrayLike, *, block_rows: int = DEFAULT_BLOCK_ROWS,
+                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """``K = Phi^T Phi`` ``[k, k]`` in float64, accumulated over blocks of ``block_rows`` rows."""
+    n, k = _shape(phi)
+    device = torch.device(device) if device is not None else _device_of(phi)
+    kernel = torch.zeros(k, k, dtype=torch.float64, device=device)
+    for start in range(0, n, block_rows):
+        block = rows(phi, start, min(n, start + block_rows), device, torch.float64)
+        kernel.addmm_(block.T, block)
+    return kernel
+
+
+def gram_matrix(phi: ArrayLike, *, block_rows: int = DEFAULT_BLOCK_ROWS,
+                device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """``G = Phi Phi^T`` ``[n, n]`` in float64 (the dual kernel), built block by block."""
+    n, _ = _shape(phi)
+    device = torch.device(device) if device is not None else _device_of(phi)
+    gram = torch.empty(n, n, dtype=torch.float64, device=device)
+    for i in range(0, n, block_rows):
+        left = rows(phi, i, min(n, i + block_rows), device, torch.float64)
+        for j in range(0, n, block_rows):
+            right = rows(phi, j, min(n, j + block_rows), device, torch.float64)
+            gram[i:i + left.shape[0], j:j + right.shape[0]] = left @ right.T
+    return gram
+
+
+def _device_of(phi: ArrayLike) -> torch.device:
+    return phi.device if isinstance(phi, torch.Tensor) else torch.device("cpu")
+
+
+class Kernel(NamedTuple):
+    """A finalized kernel: ``matrix`` is ``Phi^T Phi`` (``form="primal"``, ``[k, k]``) or
+    ``Phi Phi^T`` (``form="dual"``, ``[n, n]``), float64; ``n`` train rows."""
+
+    matrix: torch.Tensor
+    form: str
+    n: int
+
+    @property
+    def trace(self) -> float:
+        return float(torch.diagonal(self.matrix).sum())
+
+
+def compute_kernel(phi: ArrayLike, *, form: str = "auto", block_rows: int = DEFAULT_BLOCK_ROWS,
+                   device: Optional[Union[str, torch.device]] = None) -> Kernel:
+    """The kernel of ``Phi`` in the smaller form (``"auto"``: primal when ``k <= n``)."""
+    n, k = _shape(phi)
+    if form == "auto":
+        form = "primal" if k <= n else "dual"
+    if form == "primal":
+        return Kernel(kernel_matrix(phi, block_rows=block_rows, device=device), form, n)
+    if form == "dual":
+        return Kernel(gram_matrix(phi, block_rows=block_rows, device=device), form, n)
+    raise ValueError(f"form must be 'auto', 'primal' or 'dual', got {form!r}")
+
+
+def resolve_lambda(trace: float, n: int, lambda_reg: float, relative: bool) -> float:
+    """The absolute damping: ``lambda_reg * trace / n`` when ``relative``, else ``lambda_reg``."""
+    if isinstance(lambda_reg, bool) or not isinstance(lambda_reg, (int, float)) \
+            or not np.isfinite(lambda_reg) or lambda_reg < 0:
+        raise ValueError(f"lambda_reg must be a finite number >= 0, got {lambda_reg!r}")
+    if n < 1:
+        raise ValueError(f"the kernel needs at least one train row, got n = {n}")
+    return float(lambda_reg) * trace / n if relative else float(lambda_reg)
+
+
+class RegularizedInverse:
+    """``(A + lambda I)^-1`` for a symmetric positive semi-definite ``A`` [d, d], in float64.
+
+    Damped Cholesky when ``lambda > 0`` and the factorization succeeds; otherwise the
+    pseudo-inverse from ``torch.linalg.eigh`` (``method`` says which was used).
+    """
+
+    def __init__(self, matrix: torch.Tensor, lambda_: float):
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square [d, d], got {tuple(matrix.shape)}")
+        if not lambda_ >= 0:
+            raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
+        self.lambda_ = float(lambda_)
+        damped = matrix.to(torch.float64) + self.lambda_ * torch.eye(
+            matrix.shape[0], dtype=torch.float64, device=matrix.device)
+        self._cholesky: Optional[torch.Tensor] = None
+        if self.lambda_ > 0:
+            factor, info = torch.linalg.cholesky_ex(damped)
+            if int(info) == 0:
+                self._cholesky = factor
+        if self._cholesky is None:
+            values, vectors = torch.linalg.eigh(damped)
+            cutoff = values.abs().max() * damped.shape[0] * torch.finfo(torch.float64).eps
+            self._inverse_values = torch.where(values > cutoff, 1.0 / values,
+                                               torch.zeros_like(values))
+            self._vectors = vectors
+        self.method = "cholesky" if self._cholesky is not None else "eigh"
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``(A + lambda I)^-1 rhs`` for ``rhs [d, T]``, float64."""
+        rhs = rhs.to(torch.float64)
+        if self._cholesky is not None:
+            return torch.cholesky_solve(rhs, self._cholesky)
+        return self._vectors @ (self._inverse_values[:, None] * (self._vectors.T @ rhs))
+
+    def matrix(self) -> torch.Tensor:
+        """The inverse itself, ``[d, d]`` float64."""
+        if self._cholesky is not None:
+            return torch.cholesky_inverse(self._cholesky)
+        return (self._vectors * self._inverse_values) @ self._vectors.T

@@ -1,0 +1,153 @@
+"""Scores: ``S_m = Phi_m (K_m + lambda_m I)^-1 Phi_m(targets)^T`` and the ensemble over checkpoints.
+
+Shapes: ``Phi_m [n, k]`` train features, ``T_m [t, k]`` target features, ``Q_m [n]``.
+
+``ensemble="mean"`` (the paper's estimator)::
+
+    tau = mean_m(S_m) * mean_m(Q_m)[:, None]                       # [n, t]
+
+with ``lambda_m = lambda_rel * tr(K_m) / n`` by default (see :mod:`trak_fast.kernel`).
+
+``ensemble="trak"`` reproduces MadryLab trak 0.3.2 (``BasicScoreComputer``): its features are
+``R^T g / sqrt(p)`` (unscaled projection, divided by the square root of the number of
+differentiated parameters ``p``), i.e. ours times ``a = sqrt(k / p)`` (``a = 1 / sqrt(p)`` for
+raw gradients); ``lambda`` is absolute and added to ``a^2 K``; each checkpoint's inverse is
+divided by the mean absolute value of its entries::
+
+    S_m = a^2 Phi_m M_m T_m^T / mean|M_m|,   M_m = (a^2 K_m + lambda I)^-1
+
+and then the same ``mean_m(S_m) * mean_m(Q_m)``.
+
+Computation: ``W = a^2 M T^T`` (``[k, t]``, float64 solve) once per checkpoint and block of
+targets, then ``S[rows] = Phi[rows] @ W`` one block of train rows at a time in the features'
+precision (float32; float64 for float64 features). Only a ``block_rows x block_targets`` tile of
+``S`` and one block of ``Phi`` live on the compute device at a time, so ``n = 10^6`` train rows
+and ``10^4`` targets never need the whole score matrix there.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .kernel import DEFAULT_BLOCK_ROWS, DEFAULT_LAMBDA_REL, ArrayLike, Kernel, RegularizedInverse, \
+    resolve_lambda, rows
+
+ENSEMBLES = ("mean", "trak")
+#: Targets scored at a time (columns of a score tile).
+DEFAULT_BLOCK_TARGETS = 4096
+
+
+def damping(ensemble: str, lambda_reg: Optional[float],
+            relative_lambda: Optional[bool]) -> Tuple[float, bool]:
+    """``(lambda_reg, relative)`` with the defaults filled in.
+
+    ``"mean"``: ``DEFAULT_LAMBDA_REL``, relative. ``"trak"``: ``0.0``, absolute (trak's defaults).
+    """
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    if relative_lambda is None:
+        relative_lambda = ensemble == "mean"
+    if lambda_reg is None:
+        lambda_reg = DEFAULT_LAMBDA_REL if relative_lambda else 0.0
+    resolve_lambda(1.0, 1, lambda_reg, bool(relative_lambda))  # validates lambda_reg
+    return float(lambda_reg), bool(relative_lambda)
+
+
+def trak_feature_scale(proj_dim: Optional[int], num_grad_params: int) -> float:
+    """``a`` such that ``a * phi`` are MadryLab trak's features (see the module docstring)."""
+    return math.sqrt(proj_dim if proj_dim is not None else 1) / math.sqrt(num_grad_params)
+
+
+def model_scores(phi: ArrayLike, targets: torch.Tensor, kernel: Kernel, *, lambda_reg: float,
+                 relative_lambda: bool, feature_scale: float = 1.0,
+                 normalize_inverse: bool = False,
+                 out: Optional[Union[torch.Tensor, np.ndarray]] = None,
+                 device: Optional[Union[str, torch.device]] = None,
+                 block_rows: int = DEFAULT_BLOCK_ROWS, block_targets: int = DEFAULT_BLOCK_TARGETS,
+                 progress: bool = False) -> Union[torch.Tensor, np.ndarray]:
+    """One checkpoint's ``S = a^2 Phi (a^2 K + lambda I)^-1 T^T`` [n, t], optionally ``/ mean|M|``.
+
+    Args:
+        phi: train features ``[n, k]`` (tensor or numpy memmap); ``kernel`` its kernel.
+        targets: target features ``[t, k]``.
+        lambda_reg, relative_lambda: the damping, see :func:`trak_fast.kernel.resolve_lambda`;
+            a relative lambda is taken relative to ``tr(a^2 K) / n``.
+        feature_scale: ``a`` (1 for the paper's estimator).
+        normalize_inverse: divide by the mean absolute entry of ``M`` (trak's normalization).
+        out: if given, ``S`` is **added** into it (CPU tensor or numpy array ``[n, t]``).
+    Returns:
+        ``out``, or a new CPU tensor ``[n, t]``.
+    """
+    n, k = phi.shape
+    if targets.dim() != 2 or targets.shape[1] != k:
+        raise ValueError(f"targets must have shape [t, {k}] to match phi [{n}, {k}], "
+                         f"got {tuple(targets.shape)}")
+    if kernel.n != n:
+        raise ValueError(f"the kernel was computed from {kernel.n} train rows, phi has {n}")
+    device = torch.device(device) if device is not None else (
+        phi.device if isinstance(phi, torch.Tensor) else torch.device("cpu"))
+    dtype = torch.float64 if phi.dtype in (torch.float64, np.float64) else torch.float32
+    t = targets.shape[0]
+    if out is None:
+        out = torch.zeros(n, t, dtype=dtype)
+    scale2 = feature_scale ** 2
+    matrix = kernel.matrix.to(device) * scale2
+    lam = resolve_lambda(scale2 * kernel.trace, n, lambda_reg, relative_lambda)
+    inverse = RegularizedInverse(matrix, lam)
+    del matrix
+    targets = targets.to(device)
+
+    if kernel.form == "primal":
+        weights = inverse.solve(targets.T) * scale2                      # [k, t], float64
+        if normalize_inverse:
+            weights /= inverse.matrix().abs().mean()
+        weights = weights.to(dtype)
+        blocks = range(0, n, block_rows)
+        for start in tqdm(blocks, desc="scoring", unit="block", disable=not progress, leave=False):
+            stop = min(n, start + block_rows)
+            block = rows(phi, start, stop, device, dtype)
+            for t0 in range(0, t, block_targets):
+                t1 = min(t, t0 + block_targets)
+                _add(out, start, stop, t0, t1, block @ weights[:, t0:t1])
+        return out
+
+    if normalize_inverse:
+        raise ValueError("ensemble='trak' needs the primal kernel Phi^T Phi [k, k]; this one is "
+                         "the dual Gram matrix (k > n). Recompute it with form='primal'.")
+    # Dual: S = (G + lambda I)^-1 (a^2 Phi T^T), solved over all n rows per block of targets.
+    for t0 in range(0, t, block_targets):
+        t1 = min(t, t0 + block_targets)
+        cross = torch.empty(n, t1 - t0, dtype=torch.float64, device=device)
+        tb = targets[t0:t1].to(torch.float64)
+        for start in range(0, n, block_rows):
+            stop = min(n, start + block_rows)
+            cross[start:stop] = rows(phi, start, stop, device, torch.float64) @ tb.T
+        _add(out, 0, n, t0, t1, inverse.solve(cross * scale2))
+    return out
+
+
+def _add(out: Union[torch.Tensor, np.ndarray], r0: int, r1: int, c0: int, c1: int,
+         tile: torch.Tensor) -> None:
+    tile = tile.detach().cpu()
+    if isinstance(out, np.ndarray):
+        out[r0:r1, c0:c1] += tile.numpy().astype(out.dtype, copy=False)
+    else:
+        out[r0:r1, c0:c1] += tile.to(out.dtype)
+
+
+def finish_ensemble(score_sum: Union[torch.Tensor, np.ndarray], out_to_loss_sum: torch.Tensor,
+                    num_models: int, *, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
+    """In place: ``score_sum / M * (out_to_loss_sum / M)[:, None]`` = ``mean(S) * mean(Q)``."""
+    q = (out_to_loss_sum.to(torch.float64) / num_models).cpu()
+    n = score_sum.shape[0]
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        factor = (q[start:stop] / num_models)[:, None]
+        if isinstance(score_sum, np.ndarray):
+            score_sum[start:stop] *= factor.numpy().astype(score_sum.dtype)
+        else:
+            score_sum[start:stop] *= factor.to(score_sum.dtype)
