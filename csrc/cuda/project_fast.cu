@@ -1,11 +1,671 @@
-// Placeholder for the fused kernel (issue: the fast CUDA projection kernel).
+// The fused CUDA projection kernel: acc[b, j] += scale * sum_i g[b, i] * R[offset + i, j],
+// with R generated tile by tile in shared memory and never written to device memory.
+//
+// Work decomposition (all of it chosen from the shapes, never from the GPU):
+//   * the output [B, k] is cut into BM x BN tiles (BN a multiple of 128, so that one
+//     Philox call gives the 128 signs of one matrix row inside a tile);
+//   * the feature dimension is cut into `splits` chunks of `chunk` features; a thread block
+//     owns one (split, row tile, column tile) and walks its chunk kBlockK features at a time;
+//   * per step, the block loads its [BM, kBlockK] slice of g into shared memory (converted to
+//     the operand type) and generates the [kBlockK, BN] slice of R there once; every warp then
+//     multiplies its part of the tile, so each generated entry of R serves BM rows of g;
+//   * with one split, the block adds scale * (its sum) into acc; with several, each block
+//     writes its partial sum to a [splits, B, k] buffer and a second kernel adds
+//     scale * (partial_0 + partial_1 + ...) into acc in that fixed order. The tensor-core
+//     paths flush their sums that way every 2048 features (see WmmaMath), not only at the end.
+//     No atomics, so the result is bitwise reproducible, and the split never depends on the GPU.
+//
+// Arithmetic per `precision`:
+//   fp32: CUDA-core FMA (float32 products and sums, as on the CPU);
+//   tf32: tensor cores (WMMA m16n16k8), g rounded to tf32, float32 accumulation;
+//   bf16: tensor cores (WMMA m16n16k16), g rounded to bf16, float32 accumulation.
+// Rademacher entries (+-1) are exact in every operand type. Gaussian entries are rounded to
+// the operand type as well (tf32 or bf16), so for Gaussian the tf32/bf16 modes round both
+// factors.
+//
+// Pipeline: two shared-memory stages. While the warps multiply stage t, each thread holds the
+// global loads for stage t + 1 in registers, then writes them (and the generated R slice) to
+// the other stage; one __syncthreads per step.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../project.h"
 #include "project_fast.cuh"
+#include "trak_fast/random_matrix.h"
+
+// Tensor-core bf16/tf32 fragments need sm_80. The host pass (no __CUDA_ARCH__) sees
+// everything; a device pass for an older architecture compiles empty kernels, which
+// the host never launches there (it checks the compute capability first).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define TRAK_FAST_SM80 1
+#else
+#define TRAK_FAST_SM80 0
+#endif
 
 namespace trak_fast {
+namespace {
 
-bool project_add_cuda_fast(const at::Tensor&, const at::Tensor&, uint64_t, int64_t, int64_t,
-                           double, int64_t) {
-  return false;
+namespace wmma = nvcuda::wmma;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlockK = 32;  // features per pipeline step
+
+enum class Math { kFp32Simt, kTf32Wmma, kBf16Wmma };
+
+// Operand type in shared memory: bf16 for the bf16 tensor cores, float otherwise (tf32
+// operands are floats whose low 13 mantissa bits are zero).
+template <Math M>
+using Operand = std::conditional_t<M == Math::kBf16Wmma, __nv_bfloat16, float>;
+
+// ---- tile configurations -------------------------------------------------------------------
+// WMMA: warps laid out kWarpsM x kWarpsN, each owning a (16 * kFragsM) x 64 piece of the
+// output (kFragsM x 4 fragments of 16 x 16). SIMT (fp32): 8 warps stacked in M, each owning
+// 8 rows x 256 columns; a lane holds 8 x 8 outputs (columns 4 * lane + 0..3 and 128 + 4 * lane
+// + 0..3, so that its shared-memory reads of R are 16-byte and conflict-free).
+template <Math M, int kWarpsM_, int kFragsM_>
+struct Tile {
+  static constexpr Math kMath = M;
+  static constexpr bool kSimt = M == Math::kFp32Simt;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kWarpsN = kWarps / kWarpsM_;
+  static constexpr int kFragsM = kSimt ? 1 : kFragsM_;
+  static constexpr int kFragsN = 4;
+  static constexpr int kWarpRows = kSimt ? 8 : 16 * kFragsM_;
+  static constexpr int kWarpCols = kSimt ? 256 : 16 * kFragsN;
+  static constexpr int BM = kWarpsM * kWarpRows;
+  static constexpr int BN = kWarpsN * kWarpCols;
+  using T = Operand<M>;
+  // 16 bytes of padding per shared-memory row: rows then start 4 banks apart, so the 8 rows
+  // of a fragment load (or the transposed stores of the SIMT G tile) spread over the banks.
+  static constexpr int kPad = 16 / sizeof(T);
+  // G slice: [BM][kBlockK] row-major for WMMA (matrix_a), [kBlockK][BM] for SIMT (so a warp's
+  // 8 rows at one feature are 32 contiguous bytes, read as two broadcast float4).
+  static constexpr int kGPitch = kSimt ? BM + kPad : kBlockK + kPad;
+  static constexpr int kGElems = kSimt ? kBlockK * kGPitch : BM * kGPitch;
+  // R slice: [kBlockK][BN] row-major (matrix_b).
+  static constexpr int kRPitch = BN + kPad;
+  static constexpr int kRElems = kBlockK * kRPitch;
+  static constexpr int kStageElems = kGElems + kRElems;
+  static constexpr size_t kStagesBytes = 2 * static_cast<size_t>(kStageElems) * sizeof(T);
+  // After the two stages: one 16 x 16 float buffer per warp, where the WMMA path stages its
+  // accumulator fragments on their way to memory (their lane layout is opaque).
+  static constexpr size_t kSmemBytes = kStagesBytes + kWarps * 256 * sizeof(float);
+
+  static_assert(kWarpsM * kWarpsN == kWarps, "warp layout must use every warp");
+  static_assert(kFragsM >= 1, "at least one fragment row per warp");
+  static_assert(BN % 128 == 0, "a column tile must hold whole 128-column Philox blocks");
+  static_assert(!kSimt || (kWarpsM == kWarps && kWarpsN == 1), "SIMT layout is 8 x 1 warps");
+  // WMMA pointers must be 32-byte aligned: every tile and stage boundary, every fragment row
+  // step (16 rows, or 8 for tf32 k-steps) and every fragment column offset.
+  static_assert(kGElems * sizeof(T) % 32 == 0 && kRElems * sizeof(T) % 32 == 0,
+                "shared-memory tiles must stay 32-byte aligned");
+  static_assert(kGPitch * sizeof(T) * 8 % 32 == 0 && kRPitch * sizeof(T) * 8 % 32 == 0,
+                "8- and 16-row steps must stay 32-byte aligned");
+  static_assert(kGPitch * sizeof(T) % 16 == 0 && kRPitch * sizeof(T) % 16 == 0,
+                "rows must stay 16-byte aligned for vector stores");
+};
+
+// BM x BN. The bf16 warps own 64 x 64 (128 accumulator registers per thread, just fitting
+// in 255 without spills on sm_90); tf32 warps own 32 x 64, because at 64 x 64 the tf32
+// build spilled (its k-steps are half as deep, so twice as many fragments are unrolled).
+using SimtFp32 = Tile<Math::kFp32Simt, 8, 1>;   // 64 x 256
+using Tf32Large = Tile<Math::kTf32Wmma, 4, 2>;  // 128 x 128
+using Tf32Small = Tile<Math::kTf32Wmma, 2, 2>;  // 64 x 256 (B <= 64)
+using Bf16Large = Tile<Math::kBf16Wmma, 2, 4>;  // 128 x 256
+using Bf16Small = Tile<Math::kBf16Wmma, 1, 4>;  // 64 x 512 (B <= 64)
+
+// ---- input element types -------------------------------------------------------------------
+// Inputs are read as raw bits (so that a zero fill is the bit pattern 0 and a load's result
+// is not used until it is written to shared memory), then converted to float.
+template <typename TIn>
+struct Input;
+template <>
+struct Input<float> {
+  using Raw = uint32_t;
+  static __device__ __forceinline__ float to_float(Raw r) { return __uint_as_float(r); }
+};
+template <>
+struct Input<__half> {
+  using Raw = uint16_t;
+  static __device__ __forceinline__ float to_float(Raw r) {
+    return __half2float(__ushort_as_half(r));
+  }
+};
+template <>
+struct Input<__nv_bfloat16> {
+  using Raw = uint16_t;
+  static __device__ __forceinline__ float to_float(Raw r) {
+    return __bfloat162float(__ushort_as_bfloat16(r));
+  }
+};
+
+// float -> operand type (round to nearest even for bf16 and tf32).
+template <Math M>
+__device__ __forceinline__ Operand<M> to_operand(float x);
+template <>
+__device__ __forceinline__ float to_operand<Math::kFp32Simt>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float to_operand<Math::kTf32Wmma>(float x) {
+#if TRAK_FAST_SM80
+  return wmma::__float_to_tf32(x);
+#else
+  return x;
+#endif
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_operand<Math::kBf16Wmma>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename TIn>
+struct Params {
+  const typename Input<TIn>::Raw* g;  // g[b, i] at g[b * g_stride_b + i * g_stride_f]
+  int64_t g_stride_b;
+  int64_t g_stride_f;
+  int64_t batch;
+  int64_t width;
+  int64_t k;
+  float* acc;       // [batch, k], contiguous
+  float* partials;  // [splits, batch, k] when splits > 1, else nullptr
+  float scale;
+  int64_t kind;
+  uint64_t seed;
+  uint64_t offset;  // matrix row of g[:, 0]
+  int64_t chunk;    // features per split, a multiple of kBlockK
+  int64_t row_tiles;
+  int64_t col_tiles;
+};
+
+// ---- loading a [BM, kBlockK] slice of g ----------------------------------------------------
+// Thread t loads vectors t, t + 256, ...; vector v covers row v / (kBlockK / V), features
+// (v % (kBlockK / V)) * V .. + V. With kVec, a vector is one 16-byte load (the host checked
+// that g is unit-stride along features, its row stride is a multiple of V and its base is
+// 16-byte aligned; every vector starts at a multiple of V from a multiple of kBlockK).
+// Rows past the batch and features past the end of the split read as 0.
+template <class Cfg, typename TIn, bool kVec>
+struct GLoader {
+  using Raw = typename Input<TIn>::Raw;
+  static constexpr int V = kVec ? 16 / static_cast<int>(sizeof(Raw)) : 1;
+  static constexpr int kVecsPerRow = kBlockK / V;
+  static constexpr int kPerThread = Cfg::BM * kBlockK / (V * kThreads);
+  static_assert(Cfg::BM * kBlockK % (V * kThreads) == 0, "slice must split evenly");
+  struct alignas(sizeof(Raw) * V) Vec {
+    Raw v[V];
+  };
+  Vec regs[kPerThread];
+
+  __device__ __forceinline__ void load(const Params<TIn>& p, int64_t row0, int64_t f0,
+                                       int64_t f_end) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int vid = threadIdx.x + i * kThreads;
+      const int64_t b = row0 + vid / kVecsPerRow;
+      const int64_t f = f0 + (vid % kVecsPerRow) * V;
+      if (kVec && b < p.batch && f + V <= f_end) {
+        regs[i] = *reinterpret_cast<const Vec*>(p.g + b * p.g_stride_b + f);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          regs[i].v[e] = (b < p.batch && f + e < f_end)
+                             ? p.g[b * p.g_stride_b + (f + e) * p.g_stride_f]
+                             : Raw(0);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(typename Cfg::T* gs) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int vid = threadIdx.x + i * kThreads;
+      const int m = vid / kVecsPerRow;
+      const int kk = (vid % kVecsPerRow) * V;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const auto x = to_operand<Cfg::kMath>(Input<TIn>::to_float(regs[i].v[e]));
+        if (Cfg::kSimt) {
+          gs[(kk + e) * Cfg::kGPitch + m] = x;
+        } else {
+          gs[m * Cfg::kGPitch + kk + e] = x;
+        }
+      }
+    }
+  }
+};
+
+// ---- generating a [kBlockK, BN] slice of R -------------------------------------------------
+__device__ __forceinline__ uint32_t philox_word(const Philox4& r, int w) {
+  // Select without a run-time index into r.w (which could put it in local memory).
+  return (w & 2) ? ((w & 1) ? r.w[3] : r.w[2]) : ((w & 1) ? r.w[1] : r.w[0]);
+}
+
+// Writes the 32 entries +-1 given by the bits of `word` (bit t set: entry t is -1).
+// dst is 16-byte aligned.
+__device__ __forceinline__ void store_signs(float* dst, uint32_t word) {
+#pragma unroll
+  for (int t = 0; t < 32; t += 4) {
+    uint4 v;
+    v.x = 0x3F800000u | (((word >> t) & 1u) << 31);
+    v.y = 0x3F800000u | (((word >> (t + 1)) & 1u) << 31);
+    v.z = 0x3F800000u | (((word >> (t + 2)) & 1u) << 31);
+    v.w = 0x3F800000u | (((word >> (t + 3)) & 1u) << 31);
+    *reinterpret_cast<uint4*>(dst + t) = v;
+  }
+}
+__device__ __forceinline__ uint32_t bf16_sign_pair(uint32_t x) {
+  // bf16 +1 is 0x3F80; bit 0 of x is the sign of the low half, bit 1 of the high half.
+  return 0x3F803F80u | ((x & 1u) << 15) | ((x & 2u) << 30);
+}
+__device__ __forceinline__ void store_signs(__nv_bfloat16* dst, uint32_t word) {
+#pragma unroll
+  for (int t = 0; t < 32; t += 8) {
+    uint4 v;
+    v.x = bf16_sign_pair(word >> t);
+    v.y = bf16_sign_pair(word >> (t + 2));
+    v.z = bf16_sign_pair(word >> (t + 4));
+    v.w = bf16_sign_pair(word >> (t + 6));
+    *reinterpret_cast<uint4*>(dst + t) = v;
+  }
+}
+
+// rs[kk][c] = R[offset + f0 + kk, col0 + c] for kk < kBlockK, c < BN (col0 a multiple of BN).
+template <class Cfg, typename TIn>
+__device__ __forceinline__ void generate_r(typename Cfg::T* rs, const Params<TIn>& p,
+                                           int64_t f0, int64_t col0) {
+  const uint64_t row_base = p.offset + static_cast<uint64_t>(f0);
+  if (p.kind == kGaussian) {
+    // One item = one Philox call = columns 4q .. 4q + 3 of one row.
+    constexpr int kGroupsPerRow = Cfg::BN / 4;
+    const uint64_t block_base = static_cast<uint64_t>(col0) / kGaussianBlockCols;
+    for (int item = threadIdx.x; item < kBlockK * kGroupsPerRow; item += kThreads) {
+      const int kk = item / kGroupsPerRow;
+      const int q = item % kGroupsPerRow;
+      float v[4];
+      gaussian_block(p.seed, row_base + kk, block_base + q, v);
+      typename Cfg::T* dst = rs + kk * Cfg::kRPitch + 4 * q;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[e] = to_operand<Cfg::kMath>(v[e]);
+    }
+  } else {
+    // One item = one 32-bit word = columns 32w .. 32w + 31 of one row. The four words of a
+    // Philox call go to four neighbouring threads, which each recompute the call: cheaper
+    // than a second barrier to share it. Column col0 + 32w + t is bit t of word w % 4 of
+    // block col0 / 128 + w / 4 (col0 is a multiple of 128).
+    constexpr int kWordsPerRow = Cfg::BN / 32;
+    const uint64_t block_base = static_cast<uint64_t>(col0) / kRademacherBlockCols;
+    for (int item = threadIdx.x; item < kBlockK * kWordsPerRow; item += kThreads) {
+      const int kk = item / kWordsPerRow;
+      const int w = item % kWordsPerRow;
+      const Philox4 bits = rademacher_bits(p.seed, row_base + kk, block_base + w / 4);
+      store_signs(rs + kk * Cfg::kRPitch + 32 * w, philox_word(bits, w & 3));
+    }
+  }
+}
+
+// ---- writing one output element ------------------------------------------------------------
+// A block flushes its sums one or more times (see kFlushSteps); `first` marks its first
+// flush, which writes its partial-sum slot instead of adding to it. The element belongs to
+// this thread alone, so the adds need no atomics and happen in a fixed order.
+template <typename TIn>
+__device__ __forceinline__ void emit(const Params<TIn>& p, int64_t split, int64_t row,
+                                     int64_t col, float v, bool first) {
+  if (row >= p.batch || col >= p.k) return;
+  if (p.partials != nullptr) {
+    float* slot = p.partials + (split * p.batch + row) * p.k + col;
+    *slot = first ? v : *slot + v;
+  } else {
+    float* a = p.acc + row * p.k + col;
+    *a = *a + p.scale * v;
+  }
+}
+
+// ---- the multiply: tensor cores (WMMA) -----------------------------------------------------
+// Tensor cores add into their float32 accumulators with truncation (round toward zero; Fasi,
+// Higham, Mikaitis and Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021),
+// a bias of up to 1 ulp per MMA that grows linearly with the number of MMAs. So the fragments
+// are flushed every kFlushSteps steps (2048 features: 128 bf16 or 256 tf32 MMAs, a bias
+// below ~1e-5 relative) into memory with ordinary round-to-nearest adds, and restarted at 0.
+template <class Cfg>
+struct WmmaMath {
+  static constexpr int64_t kFlushSteps = 64;
+  static constexpr bool kTf32 = Cfg::kMath == Math::kTf32Wmma;
+  static constexpr int kStepK = kTf32 ? 8 : 16;
+  using Elem = std::conditional_t<kTf32, wmma::precision::tf32, __nv_bfloat16>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kStepK, Elem, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kStepK, Elem, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, kStepK, float>;
+
+  FragC c[Cfg::kFragsM][Cfg::kFragsN];
+  int warp_m, warp_n;
+
+  __device__ __forceinline__ WmmaMath() {
+    const int warp = threadIdx.x / 32;
+    warp_m = warp / Cfg::kWarpsN;
+    warp_n = warp % Cfg::kWarpsN;
+#pragma unroll
+    for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::kFragsN; ++j) wmma::fill_fragment(c[i][j], 0.0f);
+  }
+
+  __device__ __forceinline__ void multiply(const typename Cfg::T* gs,
+                                           const typename Cfg::T* rs) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockK; kk += kStepK) {
+      FragA a[Cfg::kFragsM];
+      FragB b[Cfg::kFragsN];
+#pragma unroll
+      for (int i = 0; i < Cfg::kFragsM; ++i)
+        wmma::load_matrix_sync(a[i], gs + (warp_m * Cfg::kWarpRows + 16 * i) * Cfg::kGPitch + kk,
+                               Cfg::kGPitch);
+#pragma unroll
+      for (int j = 0; j < Cfg::kFragsN; ++j)
+        wmma::load_matrix_sync(b[j], rs + kk * Cfg::kRPitch + warp_n * Cfg::kWarpCols + 16 * j,
+                               Cfg::kRPitch);
+#pragma unroll
+      for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::kFragsN; ++j) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
+    }
+  }
+
+  // The fragment's element-to-lane mapping is opaque, so each fragment goes through this
+  // warp's 16 x 16 float buffer in shared memory; then the accumulators restart at 0.
+  // Warp-local: no block barrier needed.
+  template <typename TIn>
+  __device__ __forceinline__ void flush(const Params<TIn>& p, int64_t split, int64_t row0,
+                                        int64_t col0, float* staging, bool first) {
+    const int lane = threadIdx.x % 32;
+    float* buf = staging + (threadIdx.x / 32) * 256;
+    int64_t warp_row0 = row0 + warp_m * Cfg::kWarpRows;
+    int64_t warp_col0 = col0 + warp_n * Cfg::kWarpCols;
+    // Opaque to the optimiser: otherwise it hoists the 128 loop-invariant output addresses
+    // out of the main loop and spills them (seen: ~700 bytes of spills per thread).
+    asm volatile("" : "+l"(warp_row0), "+l"(warp_col0));
+#pragma unroll
+    for (int i = 0; i < Cfg::kFragsM; ++i) {
+#pragma unroll
+      for (int j = 0; j < Cfg::kFragsN; ++j) {
+        wmma::store_matrix_sync(buf, c[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+        const int64_t r0 = warp_row0 + 16 * i;
+        const int64_t c0 = warp_col0 + 16 * j;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const int e = lane + 32 * t;
+          emit(p, split, r0 + e / 16, c0 + e % 16, buf[e], first);
+        }
+        __syncwarp();
+        wmma::fill_fragment(c[i][j], 0.0f);
+      }
+    }
+  }
+};
+
+// ---- the multiply: CUDA cores (fp32) -------------------------------------------------------
+template <class Cfg>
+struct SimtMath {
+  // FMA rounds to nearest: one flush, at the end.
+  static constexpr int64_t kFlushSteps = INT64_MAX;
+  float c[8][8];
+  int warp, lane;
+
+  __device__ __forceinline__ SimtMath() {
+    warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c[i][j] = 0.0f;
+  }
+
+  __device__ __forceinline__ void multiply(const float* gs, const float* rs) {
+#pragma unroll 8
+    for (int kk = 0; kk < kBlockK; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(gs + kk * Cfg::kGPitch + 8 * warp);
+      const float4 a1 = *reinterpret_cast<const float4*>(gs + kk * Cfg::kGPitch + 8 * warp + 4);
+      const float4 b0 = *reinterpret_cast<const float4*>(rs + kk * Cfg::kRPitch + 4 * lane);
+      const float4 b1 =
+          *reinterpret_cast<const float4*>(rs + kk * Cfg::kRPitch + 128 + 4 * lane);
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
+    }
+  }
+
+  template <typename TIn>
+  __device__ __forceinline__ void flush(const Params<TIn>& p, int64_t split, int64_t row0,
+                                        int64_t col0, float*, bool first) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int64_t row = row0 + 8 * warp + i;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int64_t col = col0 + (j < 4 ? 4 * lane + j : 128 + 4 * lane + (j - 4));
+        emit(p, split, row, col, c[i][j], first);
+      }
+    }
+  }
+};
+
+// ---- the kernel ----------------------------------------------------------------------------
+template <class Cfg, typename TIn, bool kVec>
+__global__ void __launch_bounds__(kThreads, 1) project_fast_kernel(const Params<TIn> p) {
+#if TRAK_FAST_SM80
+  using T = typename Cfg::T;
+  using Math_ = std::conditional_t<Cfg::kSimt, SimtMath<Cfg>, WmmaMath<Cfg>>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const stage0 = reinterpret_cast<T*>(smem);
+  T* const stage1 = stage0 + Cfg::kStageElems;
+  float* const staging = reinterpret_cast<float*>(smem + Cfg::kStagesBytes);
+
+  // Column tiles vary fastest in launch order, so the blocks that read the same slice of g
+  // (same split, same row tile) run side by side and share it through L2.
+  const int64_t bid = blockIdx.x;
+  const int64_t col0 = (bid % p.col_tiles) * Cfg::BN;
+  const int64_t row0 = ((bid / p.col_tiles) % p.row_tiles) * Cfg::BM;
+  const int64_t split = bid / p.col_tiles / p.row_tiles;
+  const int64_t f_begin = split * p.chunk;
+  const int64_t f_end = f_begin + p.chunk < p.width ? f_begin + p.chunk : p.width;
+  const int64_t steps = (f_end - f_begin + kBlockK - 1) / kBlockK;  // >= 1
+
+  GLoader<Cfg, TIn, kVec> loader;
+  Math_ math;
+
+  loader.load(p, row0, f_begin, f_end);
+  loader.store(stage0);
+  generate_r<Cfg>(stage0 + Cfg::kGElems, p, f_begin, col0);
+  __syncthreads();
+
+  for (int64_t t = 0; t < steps; ++t) {
+    T* const cur = (t & 1) ? stage1 : stage0;
+    T* const next = (t & 1) ? stage0 : stage1;
+    const bool has_next = t + 1 < steps;
+    const int64_t f_next = f_begin + (t + 1) * kBlockK;
+    // 16-byte loads stay in flight during the multiply. The strided (scalar) path loads
+    // after it instead: its 16 loose elements and their addresses would otherwise stay
+    // live across the multiply and push the accumulators out of registers.
+    if (kVec && has_next) loader.load(p, row0, f_next, f_end);
+    math.multiply(cur, cur + Cfg::kGElems);
+    if (has_next) {
+      if (!kVec) loader.load(p, row0, f_next, f_end);
+      // `next` was last read in step t - 1, which every thread finished before the barrier
+      // that ended that step.
+      loader.store(next);
+      generate_r<Cfg>(next + Cfg::kGElems, p, f_next, col0);
+    }
+    // After the prefetched registers are spent, so that the flush's temporaries and the
+    // accumulators fit in registers together.
+    if ((t + 1) % Math_::kFlushSteps == 0 || !has_next) {
+      math.flush(p, split, row0, col0, staging, /*first=*/t < Math_::kFlushSteps);
+    }
+    __syncthreads();
+  }
+
+#endif
+}
+
+// acc[i] += scale * (partials[0][i] + partials[1][i] + ...), summed in that order.
+__global__ void reduce_splits_kernel(float* __restrict__ acc, const float* __restrict__ partials,
+                                     int64_t n, int64_t splits, float scale) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) sum += partials[s * n + i];
+    acc[i] = acc[i] + scale * sum;
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Split {
+  int64_t splits;
+  int64_t chunk;
+};
+
+// How many chunks to cut the feature dimension into: a pure function of the shapes (and the
+// tile configuration, itself chosen from the shapes), never of the GPU, so every GPU adds the
+// same partial sums in the same order.
+Split choose_split(int64_t batch, int64_t k, int64_t width, int64_t tiles) {
+  constexpr int64_t kTargetBlocks = 2048;               // a few waves on any current GPU
+  constexpr int64_t kMinChunk = 4096;                   // >= 128 steps per block
+  constexpr int64_t kMaxPartialFloats = int64_t(1) << 26;  // 256 MiB of partial sums
+  int64_t splits = ceil_div(kTargetBlocks, tiles);
+  splits = std::min(splits, ceil_div(width, kMinChunk));
+  splits = std::min(splits, std::max<int64_t>(1, kMaxPartialFloats / (batch * k)));
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t chunk = ceil_div(ceil_div(width, splits), kBlockK) * kBlockK;
+  return {ceil_div(width, chunk), chunk};
+}
+
+template <class Cfg, typename TIn>
+void launch(const at::Tensor& acc, const at::Tensor& g, uint64_t seed, int64_t kind,
+            int64_t offset, double scale) {
+  using Raw = typename Input<TIn>::Raw;
+  const int64_t batch = g.size(0), width = g.size(1), k = acc.size(1);
+  const int64_t row_tiles = ceil_div(batch, Cfg::BM);
+  const int64_t col_tiles = ceil_div(k, Cfg::BN);
+  const Split split = choose_split(batch, k, width, row_tiles * col_tiles);
+  const int64_t blocks = row_tiles * col_tiles * split.splits;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "trak_fast: [", batch, ", ", k,
+              "] output needs too many thread blocks (", blocks, ")");
+
+  at::Tensor partials;
+  if (split.splits > 1) partials = at::empty({split.splits, batch, k}, acc.options());
+
+  Params<TIn> p;
+  p.g = static_cast<const Raw*>(g.data_ptr());
+  p.g_stride_b = g.stride(0);
+  p.g_stride_f = g.stride(1);
+  p.batch = batch;
+  p.width = width;
+  p.k = k;
+  p.acc = acc.data_ptr<float>();
+  p.partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
+  p.scale = static_cast<float>(scale);
+  p.kind = kind;
+  p.seed = seed;
+  p.offset = static_cast<uint64_t>(offset);
+  p.chunk = split.chunk;
+  p.row_tiles = row_tiles;
+  p.col_tiles = col_tiles;
+
+  // 16-byte loads need unit stride along features, 16-byte-aligned rows and base.
+  constexpr int V = 16 / sizeof(Raw);
+  const bool vec = g.stride(1) == 1 && reinterpret_cast<uintptr_t>(p.g) % 16 == 0 &&
+                   (batch == 1 || g.stride(0) % V == 0);
+  auto kernel = vec ? &project_fast_kernel<Cfg, TIn, true> : &project_fast_kernel<Cfg, TIn, false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Cfg::kSmemBytes)));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<static_cast<unsigned>(blocks), kThreads, Cfg::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (split.splits > 1) {
+    const int64_t n = batch * k;
+    const int threads = 256;
+    const int64_t grid = std::min<int64_t>(ceil_div(n, threads), 65536);
+    reduce_splits_kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+        p.acc, p.partials, n, split.splits, p.scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <class Cfg>
+bool launch_for_input(const at::Tensor& acc, const at::Tensor& g, uint64_t seed, int64_t kind,
+                      int64_t offset, double scale, int smem_optin) {
+  if (static_cast<size_t>(smem_optin) < Cfg::kSmemBytes) return false;
+  switch (g.scalar_type()) {
+    case at::kFloat:
+      launch<Cfg, float>(acc, g, seed, kind, offset, scale);
+      return true;
+    case at::kHalf:
+      launch<Cfg, __half>(acc, g, seed, kind, offset, scale);
+      return true;
+    case at::kBFloat16:
+      launch<Cfg, __nv_bfloat16>(acc, g, seed, kind, offset, scale);
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+bool project_add_cuda_fast(const at::Tensor& acc, const at::Tensor& g, uint64_t seed,
+                           int64_t kind, int64_t offset, double scale, int64_t precision) {
+  if (acc.scalar_type() != at::kFloat || !acc.is_contiguous() || acc.dim() != 2 ||
+      g.dim() != 2) {
+    return false;
+  }
+  const at::ScalarType in = g.scalar_type();
+  if (in != at::kFloat && in != at::kHalf && in != at::kBFloat16) return false;
+  TORCH_CHECK(acc.is_cuda() && g.is_cuda() && acc.device() == g.device(),
+              "trak_fast: acc and g must be on the same CUDA device, got ", acc.device(), " and ",
+              g.device());
+  TORCH_CHECK(g.size(0) == acc.size(0), "trak_fast: g has ", g.size(0), " rows, acc has ",
+              acc.size(0));
+  if (g.size(0) == 0 || g.size(1) == 0 || acc.size(1) == 0) return true;  // nothing to add
+
+  const c10::cuda::CUDAGuard guard(acc.device());
+  // Attributes rather than at::cuda::getCurrentDeviceProperties(): that header pulls in
+  // cuSPARSE's, which a CUDA toolkit without the math libraries lacks.
+  int device = 0, major = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (major < 8) return false;  // bf16/tf32 tensor cores and the kernels' build need sm_80
+  const bool small_batch = g.size(0) <= 64;
+  switch (precision) {
+    case kFp32:
+      return launch_for_input<SimtFp32>(acc, g, seed, kind, offset, scale, smem_optin);
+    case kTf32:
+      return small_batch ? launch_for_input<Tf32Small>(acc, g, seed, kind, offset, scale, smem_optin)
+                         : launch_for_input<Tf32Large>(acc, g, seed, kind, offset, scale, smem_optin);
+    case kBf16:
+      return small_batch ? launch_for_input<Bf16Small>(acc, g, seed, kind, offset, scale, smem_optin)
+                         : launch_for_input<Bf16Large>(acc, g, seed, kind, offset, scale, smem_optin);
+    default:
+      return false;
+  }
 }
 
 }  // namespace trak_fast

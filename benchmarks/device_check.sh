@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The device check for the CUDA kernels: one command, on a lent GPU machine, from the repo root.
+#
+#   bash benchmarks/device_check.sh
+#
+# Stages (each under its own timeout, so one hang cannot eat the lease):
+#   1. the machine: nvidia-smi, python3, torch, nvcc;
+#   2. build trak_fast against the machine's own torch (TORCH_CUDA_ARCH_LIST=9.0), in place;
+#      SASS check: tensor-core instructions (HMMA) present in the fast kernel;
+#   3. python3 -m trak_fast info;
+#   4. in the background, build the peers from their sdists in benchmarks/peers/ (carried, not
+#      committed): fast_jl 0.1.3 (its setup.py pins TORCH_CUDA_ARCH_LIST=7.0+PTX, which CUDA 13
+#      no longer accepts, so a copy is patched to 9.0 first) and sjlt 0.1.7. Failure is recorded;
+#   5. the CUDA tests: pytest -k cuda over tests/ (tests/test_cuda.py and every CUDA-parametrized
+#      test elsewhere), JUnit XML and log to $OUT;
+#   6. benchmarks/bench_project.py --device cuda (-> bench_project_cuda.py), JSON and log to $OUT;
+#   7. a short summary, printed last.
+# Everything lands in $OUT (default ./device_out). Budget: 8 minutes (DEVICE_CHECK_BUDGET_S=480);
+# call it with the run tool's timeout_s=520 and carry=["benchmarks/peers"].
+set -u
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+# The whole script stays inside BUDGET seconds (the run tool's timeout_s should be a bit more):
+# each stage's timeout is capped by what is left, keeping a reserve for the later stages.
+BUDGET=${DEVICE_CHECK_BUDGET_S:-480}
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+cap() { local want=$1 reserve=$2 l; l=$(( $(left) - reserve )); [ $l -lt 30 ] && l=30; echo $(( want < l ? want : l )); }
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+summary=()
+note() { summary+=("$*"); stamp "$*"; }
+
+# 1. the machine
+stamp "machine"
+{ nvidia-smi; $PY --version; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
+  nvcc --version | tail -2; nproc; } > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt" | grep -E "H100|H200|Driver|torch|release|^[0-9]+$" | head -8
+
+# 2. build
+stamp "build"
+export TORCH_CUDA_ARCH_LIST=9.0 TRAK_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+# NVCC_APPEND_FLAGS: the ptxas resource report (registers, spills) lands in build.log.
+NVCC_APPEND_FLAGS="-Xptxas -v" timeout "$(cap 300 300)" $PY -m pip install --no-build-isolation --no-deps -v -e . \
+  > "$OUT/build.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+  note "BUILD FAILED (rc=$rc); log: build.log"
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+note "build ok ($(( $(date +%s) - T0 ))s)"
+note "ptxas: $(grep -c 'bytes spill stores' "$OUT/build.log") kernels reported, $(grep 'bytes spill stores' "$OUT/build.log" | grep -vc ' 0 bytes spill stores') with spills"
+so=$(ls trak_fast/_C*.so 2>/dev/null | head -1)
+if [ -n "$so" ] && command -v cuobjdump > /dev/null; then
+  timeout 120 cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
+  note "SASS: $(grep -c HMMA "$OUT/sass.txt") HMMA, $(grep -c -E 'LDL|STL' "$OUT/sass.txt") LDL/STL lines; archs: $(grep -o 'arch = sm_[0-9a-z]*' "$OUT/sass.txt" | sort -u | tr '\n' ' ')"
+fi
+
+# 3. info
+timeout 60 $PY -m trak_fast info > "$OUT/info.txt" 2>&1 || note "trak_fast info failed"
+cat "$OUT/info.txt"
+
+# 4. peers, built in the background while the tests run
+build_peers() {
+  local dir=/tmp/trak_fast_peers
+  rm -rf "$dir" && mkdir -p "$dir"
+  # Both peers include ATen/cuda/CUDAContext.h, which needs cusparse.h & co. A toolkit without
+  # the math libraries' headers lacks them; torch's pip packages (nvidia/*) carry them.
+  local cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
+  if [ ! -f "$cuda_inc/cusparse.h" ]; then
+    local extra
+    extra=$($PY - <<'PYEOF'
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+dirs = set()
+for root in roots:
+    for name in ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h"):
+        dirs.update(os.path.dirname(h) for h in glob.glob(os.path.join(root, "**", name), recursive=True))
+print(":".join(sorted(dirs)))
+PYEOF
+)
+    echo "cusparse.h not in $cuda_inc; CPATH += ${extra:-nothing found}"
+    [ -n "$extra" ] && export CPATH="$extra${CPATH:+:$CPATH}"
+  fi
+  # The two builds run side by side (each single-file: one core each).
+  if [ -f benchmarks/peers/fast_jl-0.1.3.tar.gz ]; then
+    ( tar -xzf benchmarks/peers/fast_jl-0.1.3.tar.gz -C "$dir" &&
+      sed -i "s/environ\['TORCH_CUDA_ARCH_LIST'\]=\"7.0+PTX\"/environ['TORCH_CUDA_ARCH_LIST']=\"9.0\"/" \
+        "$dir/fast_jl-0.1.3/setup.py" &&
+      grep -n "TORCH_CUDA_ARCH_LIST" "$dir/fast_jl-0.1.3/setup.py" &&
+      timeout 220 $PY -m pip install --no-build-isolation --no-deps "$dir/fast_jl-0.1.3" &&
+      echo "PEER fast_jl: installed (arch patched 7.0+PTX -> 9.0)" || echo "PEER fast_jl: FAILED" ) \
+      > "$OUT/peer_fast_jl.log" 2>&1 &
+  else
+    echo "PEER fast_jl: sdist missing (carry benchmarks/peers)"
+  fi
+  if [ -f benchmarks/peers/sjlt-0.1.7.tar.gz ]; then
+    ( timeout 220 $PY -m pip install --no-build-isolation --no-deps benchmarks/peers/sjlt-0.1.7.tar.gz &&
+      echo "PEER sjlt: installed" || echo "PEER sjlt: FAILED" ) > "$OUT/peer_sjlt.log" 2>&1 &
+  else
+    echo "PEER sjlt: sdist missing (carry benchmarks/peers)"
+  fi
+  wait
+  cat "$OUT"/peer_*.log 2>/dev/null | grep PEER
+}
+stamp "peers (background)"
+( cd "$PWD" && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 build_peers ) > "$OUT/peers.log" 2>&1 &
+peers_pid=$!
+
+# 5. the CUDA tests
+stamp "tests"
+per_test_timeout=()
+$PY -c "import pytest_timeout" 2>/dev/null && per_test_timeout=(--timeout 90)
+timeout "$(cap 200 200)" $PY -m pytest -q -rfEs -k cuda --continue-on-collection-errors \
+  -p no:cacheprovider "${per_test_timeout[@]}" --junitxml="$OUT/junit.xml" tests > "$OUT/tests.log" 2>&1
+rc=$?
+tests_line=$(grep -E "(passed|failed|error)" "$OUT/tests.log" | tail -1)
+note "tests rc=$rc: $tests_line"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+
+# 6. benchmark (after the peers are built)
+wait $peers_pid
+note "$(grep PEER "$OUT/peers.log" | tr '\n' ' ')"
+
+stamp "bench"
+bench_timeout=$(cap 270 10)
+bench_budget=$(( bench_timeout > 100 ? bench_timeout - 90 : 10 ))  # stop starting methods here
+stamp "bench: timeout ${bench_timeout}s, budget ${bench_budget}s"
+timeout "$bench_timeout" $PY benchmarks/bench_project.py --device cuda \
+  --out "$OUT/bench_project_cuda.json" --budget-s "$bench_budget" > "$OUT/bench.log" 2>&1
+rc=$?
+note "bench rc=$rc ($(( $(date +%s) - T0 ))s total)"
+
+# 7. summary, last
+echo
+echo "==================== device check summary ===================="
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null
+grep -E "^GPU|^torch|CUDA" "$OUT/info.txt" | head -4
+for s in "${summary[@]}"; do echo "$s"; done
+echo "--- bench (table) ---"
+sed -n '/^times in ms/,$p' "$OUT/bench.log" | head -30
+[ -s "$OUT/bench.log" ] && ! grep -q "^times in ms" "$OUT/bench.log" && tail -25 "$OUT/bench.log"
+echo "files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
