@@ -69,13 +69,19 @@ def extensions():
     # No contraction: the matrix definition must round the same everywhere. The other two
     # flags let the compiler vectorize the branch-free generator; they change no result.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    # at::parallel_for is a header template over OpenMP: without -fopenmp it silently runs on
+    # one thread. torch ships its own libgomp, which the loader reuses (same soname).
+    link_flags = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     if not with_cuda:
         write_build_info(False, None, None)
         return [cpp_extension.CppExtension(
             "trak_fast._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: build for A100-class and Hopper, plus PTX for newer cards.
@@ -88,7 +94,7 @@ def extensions():
         "trak_fast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
         define_macros=[("TRAK_FAST_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags,
     )]
 
 

@@ -17,6 +17,7 @@ checkpoints (``benchmarks/lds.py``), so both scripts attribute the same models. 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -74,8 +75,10 @@ def run(args: argparse.Namespace) -> dict:
                 for method, removed in (("trak", top), ("random", rand)):
                     keep = torch.ones(n, dtype=torch.bool)
                     keep[removed] = False
+                    # The cache key names the removed rows, so new scores never reuse old retrains.
+                    removed_key = hashlib.sha1(removed.sort().values.numpy().tobytes()).hexdigest()[:12]
                     m, pred = margin_of(problem, keep.nonzero().squeeze(1), 5000 + seed, t, cache_dir,
-                                        f"{method}_t{t}_r{r}")
+                                        f"{method}_t{t}_r{r}_{removed_key}")
                     records.append({"seed": seed, "target": t, "r": r, "method": method, "margin_full": m_full,
                                     "margin_removed": m, "drop": m_full - m,
                                     "flipped": bool(full_pred == int(problem.y_target[t]) and pred != full_pred)})

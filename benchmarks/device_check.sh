@@ -7,7 +7,7 @@
 #   1. the machine: nvidia-smi, python3, torch, nvcc;
 #   2. build trak_fast against the machine's own torch (TORCH_CUDA_ARCH_LIST=9.0), in place;
 #      SASS check: tensor-core instructions (HMMA) present in the fast kernel;
-#   3. python3 -m trak_fast info;
+#   3. python3 -m trak_fast info; 3b. compute-sanitizer memcheck on small calls;
 #   4. in the background, build the peers from their sdists in benchmarks/peers/ (carried, not
 #      committed): fast_jl 0.1.3 (its setup.py pins TORCH_CUDA_ARCH_LIST=7.0+PTX, which CUDA 13
 #      no longer accepts, so a copy is patched to 9.0 first) and sjlt 0.1.7. Failure is recorded;
@@ -61,6 +61,22 @@ fi
 # 3. info
 timeout 60 $PY -m trak_fast info > "$OUT/info.txt" 2>&1 || note "trak_fast info failed"
 cat "$OUT/info.txt"
+
+# 3b. memcheck: small calls of every precision under compute-sanitizer, before the tests, so an
+#     out-of-bounds access shows up as such rather than as a wrong number (shapes with partial
+#     tiles, several feature splits and several accumulator flushes).
+if command -v compute-sanitizer > /dev/null; then
+  stamp "memcheck"
+  timeout "$(cap 90 330)" compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c "
+import torch, trak_fast
+for precision in ('fp32', 'tf32', 'bf16'):
+    for kind in ('rademacher', 'gaussian'):
+        for B, k, n in ((130, 260, 3000), (7, 100, 70000)):
+            trak_fast.project(torch.randn(B, n, device='cuda'), k, kind=kind, precision=precision)
+torch.cuda.synchronize()
+print('memcheck calls done')" > "$OUT/memcheck.log" 2>&1
+  note "memcheck rc=$? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses; log: memcheck.log)"
+fi
 
 # 4. peers, built in the background while the tests run
 build_peers() {

@@ -442,8 +442,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  check: attribute() vs per-checkpoint path, max rel diff "
                   f"{report['checks']['attribute_vs_per_checkpoint_max_rel_diff']:.1e}", flush=True)
         if args.reference and first:
-            cached({"group": "check", "method": "float64 reference", "M": 5, "proj_dim": 512, "lambda": 1.0},
-                   lambda: reference_trak_scores(problem, ckpts[:5], 512, 1.0))
+            cached({"group": "check", "method": "float64 reference", "M": 5, "proj_dim": 512, "lambda": DEFAULT_LAMBDA_REL},
+                   lambda: reference_trak_scores(problem, ckpts[:5], 512, DEFAULT_LAMBDA_REL))
         if not args.skip_trak032:
             for M in (args.trak032_models if first else [args.headline_models]):
                 cached({"group": "main", "method": "trak 0.3.2", "M": M, "proj_dim": 512, "lambda": 0.0},

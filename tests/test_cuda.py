@@ -252,7 +252,7 @@ def _layouts():
         "odd_row_stride": base[:, :3001],                     # row stride 6003, not a multiple of 4
         "transposed": torch.randn(2500, 40, device="cuda").t(),  # features on the slow axis
         "expanded_rows": torch.randn(1, 4096, device="cuda").expand(40, 4096),  # row stride 0
-        "row_slice": base[3:37, 8:4104],                      # aligned again: 16-byte loads
+        "row_slice": base[3:37, 8:4104],                      # offset base, odd row stride: scalar loads
     }
 
 
@@ -276,7 +276,9 @@ def test_non_contiguous_inputs(layout, precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch,n", [(5, 3001), (200, 4099)])
+# (200, 4096) and (1, 4099) take the 16-byte load path (row stride a multiple of 8, or B == 1);
+# the other two the scalar path.
+@pytest.mark.parametrize("batch,n", [(5, 3001), (200, 4099), (200, 4096), (1, 4099)])
 def test_half_inputs(dtype, precision, batch, n):
     g = torch.randn(batch, n, device="cuda").to(dtype)
     delta = project_into_poison(g, 600, seed=6, precision=precision)
