@@ -41,13 +41,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_trak(model, checkpoints, train, targets, device, seed, save_dir):
+def run_trak(model, checkpoints, train, targets, device, seed, save_dir, kind=None):
+    """trak 0.3.2 on its own default path; with ``kind``, a BasicProjector of that kind."""
     from trak import TRAKer
     times = {}
+    projector = None
+    if kind is not None:
+        from trak.projectors import BasicProjector, ProjectionType
+        proj_type = ProjectionType.rademacher if kind == "rademacher" else ProjectionType.normal
+        num_params = sum(p.numel() for p in model.parameters())
+        projector = BasicProjector(grad_dim=num_params, proj_dim=PROJ_DIM, seed=seed, proj_type=proj_type,
+                                   device=device, dtype=torch.float32)
     traker = TRAKer(model=copy.deepcopy(model).to(device), task="image_classification",
                     train_set_size=N_TRAIN, save_dir=save_dir, device=device, proj_dim=PROJ_DIM,
                     projector_seed=seed, use_half_precision=False, lambda_reg=LAMBDA,
-                    logging_level=logging.ERROR)
+                    logging_level=logging.ERROR, projector=projector)
     start = time.perf_counter()
     for model_id, checkpoint in enumerate(checkpoints):
         traker.load_checkpoint(checkpoint, model_id=model_id)
@@ -103,11 +111,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per checkpoint")
+    parser.add_argument("--kind", choices=["default", "rademacher", "gaussian"], default="default",
+                        help="matrix kind on both sides (default: trak's own default for the device, "
+                             "normal on the CPU, and the same kind for trak_fast)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_pipeline_<device>.json)")
     args = parser.parse_args(argv)
     device = args.device
     # trak uses normal entries on the CPU and Rademacher on a GPU; trak_fast uses the same kind.
-    kind = "gaussian" if device == "cpu" else "rademacher"
+    kind = ("gaussian" if device == "cpu" else "rademacher") if args.kind == "default" else args.kind
+    trak_kind = None if args.kind == "default" else args.kind
 
     x, y, xt, yt = digits.load_digits(N_TRAIN, N_TARGETS)
     checkpoints = []
@@ -124,9 +136,9 @@ def main(argv=None) -> dict:
         fast_times, fast_scores, fast_mean = run_trak_fast(model, checkpoints, train, targets, device,
                                                            kind, os.path.join(tmp, "fast"))
         trak_times, trak_scores, projector = run_trak(model, checkpoints, train, targets, device, 0,
-                                                      os.path.join(tmp, "trak0"))
+                                                      os.path.join(tmp, "trak0"), trak_kind)
         _, trak_scores_1, _ = run_trak(model, checkpoints, train, targets, device, 1,
-                                       os.path.join(tmp, "trak1"))
+                                       os.path.join(tmp, "trak1"), trak_kind)
     for name, times in (("trak 0.3.2", trak_times), ("trak_fast", fast_times)):
         results[name] = dict(times, total=sum(times.values()))
 
@@ -159,7 +171,8 @@ def main(argv=None) -> dict:
     if device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
     out = Path(args.out) if args.out else \
-        Path(__file__).resolve().parent / "results" / f"bench_pipeline_{device.split(':')[0]}.json"
+        Path(__file__).resolve().parent / "results" / (
+            f"bench_pipeline_{device.split(':')[0]}" + ("" if args.kind == "default" else f"_{args.kind}") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {out}")

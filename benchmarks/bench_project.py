@@ -98,36 +98,44 @@ def bench_shape(batch: int, n: int, k: int, repeat: int, with_trak: bool):
     return rows
 
 
-def peak_rss_bytes() -> int:
+_LARGE_CHILD = r"""
+import json, sys, time, torch, trak_fast
+batch, n, k = map(int, sys.argv[1:4])
+
+def status(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
-    return -1
+grads = torch.randn(batch, n)
+out = torch.zeros(batch, k)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak-RSS counter (Linux >= 4.0) now that input and output exist
+before = status("VmRSS:")
+start = time.perf_counter()
+trak_fast.project(grads, k, out=out)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "peak_extra_bytes": status("VmHWM:") - before,
+                  "finite": bool(torch.isfinite(out).all())}))
+"""
 
 
 def bench_large(batch: int, n: int, k: int):
     """Peak resident memory beyond input and output for a P that could never be stored.
 
-    The peak-RSS counter is reset after the input and output exist, so the number counts
-    everything the call itself touches (tile buffers, thread pool start-up, temporaries)."""
-    import trak_fast
+    Runs in a fresh process: the peak-RSS counter is reset once the input and output exist,
+    so the number counts everything the call touches (tile buffers, the thread pool's
+    start-up, temporaries), with no memory left over from earlier runs to reuse."""
+    import subprocess
 
-    grads = torch.randn(batch, n)
-    out = torch.zeros(batch, k)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
-    except OSError:
-        return {"note": "cannot reset peak RSS on this system"}
-    before = peak_rss_bytes()
-    start = time.perf_counter()
-    trak_fast.project(grads, k, out=out)
-    elapsed = time.perf_counter() - start
-    extra = peak_rss_bytes() - before
-    return {"B": batch, "n": n, "k": k, "seconds": elapsed, "P_would_be_GiB": n * k * 4 / 2**30,
-            "input_MiB": grads.numel() * 4 / 2**20, "peak_extra_MiB": extra / 2**20,
-            "finite": bool(torch.isfinite(out).all())}
+    proc = subprocess.run([sys.executable, "-c", _LARGE_CHILD, str(batch), str(n), str(k)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"B": batch, "n": n, "k": k, "seconds": child["seconds"], "P_would_be_GiB": n * k * 4 / 2**30,
+            "input_MiB": batch * n * 4 / 2**20, "peak_extra_MiB": child["peak_extra_bytes"] / 2**20,
+            "finite": child["finite"]}
 
 
 def main(argv=None) -> int:
