@@ -14,6 +14,7 @@
 #   5. the CUDA tests: pytest -k cuda over tests/ (tests/test_cuda.py and every CUDA-parametrized
 #      test elsewhere), JUnit XML and log to $OUT;
 #   6. benchmarks/bench_project.py --device cuda (-> bench_project_cuda.py), JSON and log to $OUT;
+#      6b. benchmarks/bench_pipeline.py --device cuda when time is left (needs traker, stage 3c);
 #   7. a short summary, printed last.
 # Everything lands in $OUT (default ./device_out). Budget: 8 minutes (DEVICE_CHECK_BUDGET_S=480);
 # call it with the run tool's timeout_s=520 and carry=["benchmarks/peers"].
@@ -76,6 +77,13 @@ for precision in ('fp32', 'tf32', 'bf16'):
 torch.cuda.synchronize()
 print('memcheck calls done')" > "$OUT/memcheck.log" 2>&1
   note "memcheck rc=$? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses; log: memcheck.log)"
+fi
+
+# 3c. traker 0.3.2 (pure Python, the trak peer; its sdist travels in benchmarks/peers too): with it
+#     the trak-parity test modules collect on the device, and the pipeline benchmark can run.
+if ls benchmarks/peers/traker-0.3.2* > /dev/null 2>&1; then
+  timeout 60 $PY -m pip install --no-build-isolation --no-deps benchmarks/peers/traker-0.3.2* \
+    > "$OUT/peer_traker.log" 2>&1 && note "PEER traker: installed" || note "PEER traker: FAILED"
 fi
 
 # 4. peers, built in the background while the tests run
@@ -152,6 +160,14 @@ timeout "$bench_timeout" $PY benchmarks/bench_project.py --device cuda \
   --out "$OUT/bench_project_cuda.json" --budget-s "$bench_budget" > "$OUT/bench.log" 2>&1
 rc=$?
 note "bench rc=$rc ($(( $(date +%s) - T0 ))s total)"
+
+# 6b. the TRAK pipeline against trak 0.3.2 on the GPU, if time is left and traker is installed
+if [ "$(left)" -gt 70 ] && $PY -c "import trak" 2> /dev/null; then
+  stamp "pipeline bench"
+  timeout "$(cap 150 15)" $PY benchmarks/bench_pipeline.py --device cuda \
+    --out "$OUT/bench_pipeline_cuda.json" > "$OUT/bench_pipeline.log" 2>&1
+  note "pipeline bench rc=$?: $(grep -E '^total' "$OUT/bench_pipeline.log")"
+fi
 
 # 7. summary, last
 echo
