@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deps-$(shell echo '$(DEPS)' | sha1sum | cut -c1-12)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: test demo install info bench clean
+.PHONY: test demo install info bench clean FORCE
 
 $(STAMP):
 	rm -rf $(VENV)
@@ -17,8 +17,15 @@ $(STAMP):
 	$(PY) -m pip install --quiet $(DEPS)
 	touch $(STAMP)
 
-install: $(STAMP)
+# The editable install picks up Python changes by itself; rebuild only when the C++/CUDA
+# sources or the build files change (or TRAK_FAST_CUDA / TORCH_CUDA_ARCH_LIST do).
+BUILT := $(VENV)/.built-$(shell echo '$(TRAK_FAST_CUDA) $(TORCH_CUDA_ARCH_LIST)' | sha1sum | cut -c1-8)
+$(BUILT): $(STAMP) setup.py pyproject.toml $(shell find csrc -type f) $(if $(wildcard trak_fast/_C*.so),,FORCE)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	rm -f $(VENV)/.built-*
+	touch $(BUILT)
+
+install: $(BUILT)
 
 test: install
 	$(PY) -m pytest -q tests
@@ -33,4 +40,4 @@ bench: install
 	$(PY) benchmarks/bench_project.py
 
 clean:
-	rm -rf build trak_fast/_C*.so trak_fast/_build_info.py *.egg-info
+	rm -rf build trak_fast/_C*.so trak_fast/_build_info.py *.egg-info $(VENV)/.built-*
