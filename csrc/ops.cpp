@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "project.h"
@@ -51,6 +52,11 @@ void check_project_args(const at::Tensor& out, at::TensorList grads, int64_t see
                 "] must be a floating tensor, got ", g.scalar_type());
     TORCH_CHECK(g.device() == out.device(), "trak_fast: grads[", t, "] is on ", g.device(),
                 " but out is on ", out.device());
+    // out is accumulated into while the pieces are read: they must not share memory. (The
+    // overlap test answers "too hard" for any strided view, so ask about storage first.)
+    TORCH_CHECK(g.numel() == 0 || !out.storage().is_alias_of(g.storage()) ||
+                    at::get_overlap_status(out, g) == at::MemOverlapStatus::No,
+                "trak_fast: out must not share memory with grads[", t, "]");
     const int64_t width = g.size(0) == 0 ? 0 : g.numel() / g.size(0);
     TORCH_CHECK(width <= kMaxOffset - total, "trak_fast: feature indices overflow 2^62");
     total += width;

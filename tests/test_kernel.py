@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast.kernel import (RegularizedInverse, compute_kernel, gram_matrix, kernel_matrix,
+from trak_fast.kernel import (RegularizedInverse, check_kernel, compute_kernel, gram_matrix, kernel_matrix,
                               resolve_lambda)
 
 
@@ -85,3 +85,16 @@ def test_relative_lambda_is_mean_squared_feature_norm():
 def test_bad_lambda_raises(bad):
     with pytest.raises(ValueError, match="lambda_reg"):
         resolve_lambda(1.0, 10, bad, relative=True)
+
+
+def test_check_kernel_refuses_zero_and_non_finite_features():
+    phi = _phi(20, 6)
+    kernel = compute_kernel(phi)
+    assert check_kernel(kernel) is kernel
+    zero = compute_kernel(torch.zeros(20, 6))
+    with pytest.raises(ValueError, match="model_id 3: every train feature is zero"):
+        check_kernel(zero, "model_id 3")
+    # One zero row (an example with no gradient) is legitimate.
+    check_kernel(compute_kernel(torch.cat([phi[:19], torch.zeros(1, 6)])))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_kernel(compute_kernel(torch.cat([phi[:19], torch.full((1, 6), float("nan"))])))

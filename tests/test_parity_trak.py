@@ -8,7 +8,7 @@ import torch
 from trak_fast import digits
 from trak_fast.attribute import attribute
 
-trak = pytest.importorskip("trak", reason="traker==0.3.2 is a test dependency (pip install traker==0.3.2)")
+import trak  # noqa: E402,F401  (traker==0.3.2 is a test dependency: a missing peer must fail, not skip)
 from trak import TRAKer  # noqa: E402
 from trak.projectors import BasicProjector, NoOpProjector  # noqa: E402
 

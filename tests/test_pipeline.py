@@ -317,3 +317,71 @@ def test_bad_arguments_raise(data, trained):
         featurize(model, model.state_dict(), batches, kind="sparse")
     with pytest.raises(TypeError, match=r"expects \(inputs, labels\) batches"):
         featurize(model, model.state_dict(), [data[0][:5]], proj_dim=8)
+
+
+# ---- models with buffers and randomness ------------------------------------------------------
+
+def _bn_dropout_mlp():
+    return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(16, 10)).double()
+
+
+def test_batchnorm_and_dropout_use_checkpoint_buffers_in_eval_mode(data):
+    x, y, _, _ = data
+    x = x[:40].double()
+    y = y[:40]
+    source = _bn_dropout_mlp()
+    torch.manual_seed(0)
+    source.train()
+    with torch.no_grad():
+        for _ in range(5):          # training-mode passes give non-trivial running statistics
+            source(x * 3 + 1)
+    checkpoint = copy.deepcopy(source.state_dict())
+    assert checkpoint["1.running_mean"].abs().min() > 0.01
+
+    model = _bn_dropout_mlp()       # other weights and fresh buffers: the checkpoint must win
+    model.train()
+    model[3].eval()                 # a mixed flag, to check that each module's own is restored
+    own_state = copy.deepcopy(model.state_dict())
+    out = featurize(model, checkpoint, digits.batches(x, y, 16), proj_dim=None)
+
+    assert model.training and model[1].training and not model[3].training
+    for name, tensor in model.state_dict().items():      # running stats were not updated
+        assert torch.equal(tensor, own_state[name]), name
+    source.eval()                   # the reference: an eval-mode autograd loop
+    expected = _margin_grads_loop(source, x, y)
+    assert out.phi.dtype == torch.float64
+    torch.testing.assert_close(out.phi, expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        probs = torch.softmax(source(x), 1)[torch.arange(len(y)), y]
+    torch.testing.assert_close(out.out_to_loss, (1 - probs).float())
+
+
+# ---- all-zero features -----------------------------------------------------------------------
+
+class _Unused(nn.Module):
+    def __init__(self, detach=False):
+        super().__init__()
+        self.body = nn.Linear(64, 10)
+        self.unused = nn.Parameter(torch.ones(3))
+        self.detach = detach
+
+    def forward(self, x):
+        out = self.body(x)
+        return out.detach() if self.detach else out
+
+
+@pytest.mark.parametrize("detach, grad_wrt", [(False, ["unused"]), (True, None)])
+def test_all_zero_features_raise_instead_of_zero_scores(data, detach, grad_wrt):
+    x, y, xt, yt = data
+    model = _Unused(detach)
+    args = (model, [model.state_dict()], digits.batches(x, y, 60), digits.batches(xt, yt))
+    assert not featurize(model, model.state_dict(), args[2], proj_dim=8, grad_wrt=grad_wrt).phi.any()
+    for ensemble in ("mean", "trak"):
+        with pytest.raises(ValueError, match=r"checkpoint 0: every train feature is zero: the task "
+                                             r"output does not depend on the differentiated "
+                                             r"parameters \(check grad_wrt, and that forward does "
+                                             r"not detach\)"):
+            attribute(*args, proj_dim=8, grad_wrt=grad_wrt, ensemble=ensemble, progress=False)
+    if not detach:   # the parameters the output does depend on still give scores
+        assert attribute(*args, proj_dim=8, grad_wrt=["body.weight"], progress=False).abs().sum() > 0

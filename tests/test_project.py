@@ -162,6 +162,16 @@ def test_not_differentiable():
         (lambda: project(torch.ones(2, 5), 4, out=torch.zeros(2, 4, dtype=torch.float64)), TypeError, "out must have dtype"),
         (lambda: project(torch.ones(2, 5), 4, out=torch.zeros(2, 4, device="meta")), ValueError, "out is on meta"),
         (lambda: project("grads", 4), TypeError, "grads must be a tensor"),
+        (lambda: project({"w": torch.ones(2, 3), "b": 1.0}, 4), TypeError, "grads\\['b'\\] must be a tensor"),
+        (lambda: project({"w": torch.ones(2, 3), "b": torch.ones(3)}, 4), ValueError, "grads\\['b'\\] has batch size 3"),
+        (lambda: project(torch.ones(2, 5).to_sparse(), 4), TypeError, "dense"),
+        (lambda: project(torch.ones(2, 5), 4, out=torch.zeros(2, 4).to_sparse()), TypeError, "out must be a dense"),
+        (lambda: project(torch.ones(2, 5), 4, kind=["rademacher"]), ValueError, "kind"),
+        (lambda: project(torch.ones(2, 5), 4, precision=None), ValueError, "precision"),
+        (lambda: project(torch.ones(2, 5), 4, scale="abc"), TypeError, "scale"),
+        (lambda: project(torch.ones(2, 5), 4, scale=float("nan")), ValueError, "scale must be finite"),
+        (lambda: project(torch.ones(2, 5), 4, scale=float("inf")), ValueError, "scale must be finite"),
+        (lambda: project(torch.ones(2, 5), 4, feature_offset=2**62 - 2), ValueError, "feature_offset \\+ the number"),
         (lambda: projection_matrix(10, 4, dtype=torch.float16), TypeError, "dtype"),
         (lambda: projection_matrix(-1, 4), ValueError, "n must be"),
     ],
@@ -169,6 +179,21 @@ def test_not_differentiable():
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_out_sharing_memory_with_grads_is_refused():
+    """out is accumulated into while grads are read: aliasing would give garbage silently."""
+    x = torch.randn(4, 300)
+    with pytest.raises(RuntimeError, match="out must not share memory with grads\\[0\\]"):
+        project(x, 300, out=x)
+    buf = torch.randn(4, 600)
+    with pytest.raises(RuntimeError, match="out must not share memory with grads\\[1\\]"):
+        project([torch.randn(4, 10), buf[:, :300]], 300, out=buf[:, 300:])
+
+
+def test_zero_width_pieces_contribute_nothing():
+    a, b = torch.randn(3, 0), torch.randn(3, 50)
+    assert torch.equal(project([a, b, torch.randn(3, 0, 7)], 20), project(b, 20))
 
 
 def test_opcheck_cpu():

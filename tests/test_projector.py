@@ -102,7 +102,7 @@ def test_immutable_hashable_serializable():
     ({"proj_dim": 8, "seed": -1}, ValueError, "seed must be in"),
     ({"proj_dim": 8, "kind": "normal"}, ValueError, "kind must be one of"),
     ({"proj_dim": 8, "precision": "fp16"}, ValueError, "precision must be one of"),
-    ({"proj_dim": 8, "scale": "1"}, TypeError, "scale must be a float"),
+    ({"proj_dim": 8, "scale": "1"}, TypeError, "scale must be a real number"),
 ])
 def test_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from .featurize import DEFAULT_GRAD_MEMORY, Batch, Device, featurize, model_device, num_grad_params
-from .kernel import compute_kernel
+from .kernel import check_kernel, compute_kernel
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
 from .tasks import Task, get_task
 
@@ -51,6 +51,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         device: where to compute (``None``: the model's device).
         grad_memory: bytes for one group of per-example gradients (see :mod:`trak_fast.featurize`).
         progress: show tqdm progress bars.
+
+    Raises:
+        ValueError: among others, when every train feature of a checkpoint is zero (the task
+            output does not depend on the ``grad_wrt`` parameters, or forward detaches).
 
     Returns:
         ``tau`` ``[n_train, n_targets]``, float32 on the CPU (float64 for a float64 model).
@@ -87,8 +91,8 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             num_params = phi.shape[1] if proj_dim is None else num_grad_params(model, grad_wrt)
             scale = trak_feature_scale(proj_dim, num_params)
         compute_device = model_device(model) if device is None else torch.device(device)
-        kernel = compute_kernel(phi, form="primal" if ensemble == "trak" else "auto",
-                                device=compute_device)
+        kernel = check_kernel(compute_kernel(phi, form="primal" if ensemble == "trak" else "auto",
+                                             device=compute_device), f"checkpoint {model_id}")
         model_scores(phi, phi_targets, kernel, lambda_reg=lambda_reg,
                      relative_lambda=relative_lambda, feature_scale=scale,
                      normalize_inverse=ensemble == "trak", out=score_sum, device=compute_device,

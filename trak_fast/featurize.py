@@ -204,7 +204,7 @@ class Featurizer:
                 stop = min(batch_size, start + rows)
                 part = batch if (start, stop) == (0, batch_size) else _slice(batch, start, stop)
                 grads = self._grads(names, part)
-                pieces = [grads[n].detach() for n in names]
+                pieces = [_dense(grads[n].detach()) for n in names]
                 if self.proj_dim is None:
                     column = offset
                     for piece in pieces:
@@ -238,6 +238,20 @@ class Featurizer:
             raise ValueError(f"{where}: task.out_to_loss must return shape [{size}], got "
                              f"{tuple(q.shape)}")
         return phi, (q if out_to_loss else None)
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with its own memory for every element.
+
+    ``torch.func.grad`` returns the gradient of a parameter the output does not depend on (one
+    outside the forward, or behind a ``detach``) as zeros expanded with stride 0. Such a tensor
+    overlaps itself, and ``project`` refuses inputs whose overlap with ``out`` it cannot rule
+    out; the copy is no larger than an ordinary gradient. The all-zero features that result
+    are then reported by :func:`trak_fast.kernel.check_kernel`.
+    """
+    if any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape)):
+        return grad.contiguous()
+    return grad
 
 
 def _shapes(batch: Batch) -> List[Tuple[int, ...]]:

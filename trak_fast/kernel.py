@@ -23,7 +23,9 @@ singular.
 
 **Solve.** Damped Cholesky of ``K + lambda I`` in float64. When ``lambda = 0`` or the factorization
 fails (a singular kernel), an eigendecomposition gives the pseudo-inverse instead (eigenvalues
-below ``k * eps * max eigenvalue`` are dropped), so the solve never fails.
+below ``k * eps * max eigenvalue`` are dropped), so the solve never fails. The pipelines
+(``attribute``, ``TRAK``) first pass the kernel through :func:`check_kernel`: a zero kernel means
+every feature is zero, and silently returning all-zero scores would hide that mistake.
 
 **Dual form.** When ``k > n`` the ``n x n`` Gram matrix ``G = Phi Phi^T`` is smaller, and
 ``Phi (Phi^T Phi + lambda I)^-1 = (Phi Phi^T + lambda I)^-1 Phi`` gives the same scores
@@ -117,6 +119,30 @@ def compute_kernel(phi: ArrayLike, *, form: str = "auto", block_rows: int = DEFA
     if form == "dual":
         return Kernel(gram_matrix(phi, block_rows=block_rows, device=device), form, n)
     raise ValueError(f"form must be 'auto', 'primal' or 'dual', got {form!r}")
+
+
+ZERO_FEATURES_MESSAGE = (
+    "every train feature is zero: the task output does not depend on the differentiated "
+    "parameters (check grad_wrt, and that forward does not detach)")
+
+
+def check_kernel(kernel: Kernel, where: str = "") -> Kernel:
+    """Refuses a kernel whose features cannot give meaningful scores; returns it otherwise.
+
+    ``tr(K) = sum_i ||phi_i||^2``, so a zero trace means every train feature is zero. The
+    solve would still succeed (the pseudo-inverse of 0 is 0) and every score would be an exact
+    0, which looks like a result; it almost always means the gradients never reached the
+    differentiated parameters. A non-finite trace means NaN or inf features (a diverged
+    checkpoint, or float16 overflow), which would turn every score into NaN.
+    """
+    trace = kernel.trace
+    prefix = f"{where}: " if where else ""
+    if not np.isfinite(trace):
+        raise ValueError(f"{prefix}the train features hold NaN or inf (tr(Phi^T Phi) = {trace}); "
+                         "check the checkpoint and the task output")
+    if trace == 0:
+        raise ValueError(prefix + ZERO_FEATURES_MESSAGE)
+    return kernel
 
 
 def resolve_lambda(trace: float, n: int, lambda_reg: float, relative: bool) -> float:

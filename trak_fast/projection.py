@@ -31,15 +31,25 @@ def _check_int(name: str, value, low: int, high: int) -> int:
 
 
 def _check_kind(kind: str) -> int:
-    if kind not in _ops.KINDS:
+    if not isinstance(kind, str) or kind not in _ops.KINDS:
         raise ValueError(f"kind must be one of {sorted(_ops.KINDS)}, got {kind!r}")
     return _ops.KINDS[kind]
 
 
 def _check_precision(precision: str) -> int:
-    if precision not in _ops.PRECISIONS:
+    if not isinstance(precision, str) or precision not in _ops.PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_ops.PRECISIONS)}, got {precision!r}")
     return _ops.PRECISIONS[precision]
+
+
+def _check_scale(scale, proj_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(proj_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a real number (or None for 1/sqrt(proj_dim)), got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
 
 
 def _as_pieces(grads: Grads) -> list:
@@ -61,24 +71,26 @@ def _as_pieces(grads: Grads) -> list:
         )
     if not pieces:
         raise ValueError("grads must hold at least one tensor, got an empty sequence")
-    for t, g in enumerate(pieces):
+    # Name pieces as the caller knows them: grads['conv.weight'] for a dict, grads[3] otherwise.
+    names = [f"grads[{key!r}]" for key in grads] if isinstance(grads, dict) else \
+        [f"grads[{t}]" for t in range(len(pieces))]
+    for name, g in zip(names, pieces):
         if not isinstance(g, torch.Tensor):
-            raise TypeError(f"grads[{t}] must be a tensor, got {type(g).__name__}")
+            raise TypeError(f"{name} must be a tensor, got {type(g).__name__}")
         if g.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"grads[{t}] must be float16, bfloat16, float32 or float64, got {g.dtype}"
-            )
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {g.dtype}")
+        if g.layout != torch.strided or g.is_nested:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {g.layout}"
+                            f"{' (nested)' if g.is_nested else ''}")
         if g.dim() < 1:
-            raise ValueError(f"grads[{t}] must have a batch dimension [B, ...], got a 0-d tensor")
+            raise ValueError(f"{name} must have a batch dimension [B, ...], got a 0-d tensor")
         if g.shape[0] != pieces[0].shape[0]:
             raise ValueError(
-                f"grads[{t}] has batch size {g.shape[0]}, expected {pieces[0].shape[0]} "
-                "(the batch size of grads[0])"
+                f"{name} has batch size {g.shape[0]}, expected {pieces[0].shape[0]} "
+                f"(the batch size of {names[0]})"
             )
         if g.device != pieces[0].device:
-            raise ValueError(
-                f"grads[{t}] is on {g.device}, expected {pieces[0].device} (the device of grads[0])"
-            )
+            raise ValueError(f"{name} is on {g.device}, expected {pieces[0].device} (the device of {names[0]})")
     return pieces
 
 
@@ -127,15 +139,20 @@ def project(
     _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET)
     kind_id = _check_kind(kind)
     precision_id = _check_precision(precision)
-    scale = 1.0 / math.sqrt(proj_dim) if scale is None else float(scale)
+    scale = _check_scale(scale, proj_dim)
     batch = pieces[0].shape[0]
+    width = sum(g.numel() // batch for g in pieces) if batch > 0 else 0
+    if feature_offset + width > _MAX_OFFSET:
+        raise ValueError(f"feature_offset + the number of features must be at most 2^62, got "
+                         f"{feature_offset} + {width}")
     needs_grad = torch.is_grad_enabled() and any(g.requires_grad for g in pieces)
 
     if out is None:
         return _ops.ops.project(pieces, proj_dim, seed, kind_id, feature_offset, scale, precision_id)
 
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if not isinstance(out, torch.Tensor) or out.layout != torch.strided or out.is_nested:
+        raise TypeError(f"out must be a dense tensor, got {type(out).__name__}"
+                        f"{'' if not isinstance(out, torch.Tensor) else f' with layout {out.layout}'}")
     expected_dtype = _ops.result_dtype(pieces)
     if tuple(out.shape) != (batch, proj_dim):
         raise ValueError(f"out must have shape ({batch}, {proj_dim}), got {tuple(out.shape)}")
@@ -175,7 +192,7 @@ def projection_matrix(
     kind_id = _check_kind(kind)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    scale = 1.0 / math.sqrt(proj_dim) if scale is None else float(scale)
+    scale = _check_scale(scale, proj_dim)
     out = torch.empty((n, proj_dim), device=device, dtype=dtype)
     _ops.ops.fill_projection_matrix_(out, seed, kind_id, feature_offset, scale)
     return out

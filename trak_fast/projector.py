@@ -32,13 +32,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .projection import model_seed, project, projection_matrix
+from .projection import _check_kind, _check_precision, _check_scale, model_seed, project, projection_matrix
 
 Grads = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 
 _MAX_SEED = 2**63
-_KINDS = ("rademacher", "gaussian")
-_PRECISIONS = ("fp32", "tf32", "bf16")
 
 __all__ = ["Projector"]
 
@@ -116,14 +114,10 @@ class Projector:
     ) -> None:
         proj_dim = as_int("proj_dim", proj_dim, 1, 2**31)
         seed = as_int("seed", seed)
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {list(_KINDS)}, got {kind!r}")
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {precision!r}")
+        _check_kind(kind)
+        _check_precision(precision)
         if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-                raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-            scale = float(scale)
+            scale = _check_scale(scale, proj_dim)
         object.__setattr__(self, "_proj_dim", proj_dim)
         object.__setattr__(self, "_seed", seed)
         object.__setattr__(self, "_kind", str(kind))

@@ -1,8 +1,10 @@
-"""The on-disk store: ``.npy`` memmaps plus one JSON metadata file written atomically.
+"""The on-disk store: ``.npy`` memmaps plus one JSON metadata file, safe to share between processes.
 
 Layout of a store directory::
 
     metadata.json                       settings, per-model and per-experiment state
+    .lock                               flock'ed around every read-modify-write of metadata.json
+    .lock-model_<id>                    flock'ed while checkpoint <id> is being featurized
     model_<id>/features.npy             [n, k] float32 or float16   (phi_m, row i = train example i)
     model_<id>/out_to_loss.npy          [n] float32                 (Q_m)
     model_<id>/finished.npy             [n] uint8                   (1 = row i is written)
@@ -10,23 +12,42 @@ Layout of a store directory::
     experiment_<name>/targets_<id>.npy  [t, k] float32              (target features, model id)
     experiment_<name>/scores.npy        [n, t] float32              (the ensemble's scores)
 
+Concurrency. The normal TRAK workflow runs one job per checkpoint, all on one store, so
+several processes (or several :class:`Store` objects in one process) may open the same
+directory at once. No object keeps a private copy of the metadata: every change goes through
+:meth:`Store.update`, which takes an exclusive ``fcntl.flock`` on ``.lock``, re-reads
+``metadata.json``, applies only the caller's change and writes the result atomically, so
+concurrent jobs never overwrite each other's entries; readers (:attr:`Store.metadata`) always
+read the file afresh. Featurizing one checkpoint is exclusive: :meth:`Store.model_lock` holds
+``.lock-model_<id>`` for the whole run, and a second featurizer of the same ``model_id``
+(another process, or another object in this one) gets :class:`StoreBusyError` at once instead
+of interleaving writes into the same rows (it can simply be rerun later: it resumes). The
+locks are advisory ``flock`` locks released by the kernel when a process dies, so a killed job
+never leaves the store locked; they hold between processes of one machine (``flock`` on
+network file systems is not reliable).
+
 Crash safety. ``metadata.json`` is replaced atomically (written to a temporary file, flushed,
 renamed), so it is always either the old or the new version. Train rows are written batch by
 batch: features and Q first, then (after a flush) the batch's rows in ``finished.npy``, so a
 row marked finished is always complete. ``finished.npy`` is created last, after the arrays
 it describes; a model directory without it is recreated from scratch. Whole arrays (kernels,
-target features, scores) are written to a temporary name and renamed.
+target features, scores) are written to a temporary name ``.<name>.tmp-<pid>...`` and renamed;
+temporary files left by processes that no longer exist (a killed ``score``) are deleted when
+the store is opened.
 
 Versioning. ``metadata.json`` records ``STORE_FORMAT_VERSION``; a store written with another
 version is refused with a clear error rather than misread.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -34,14 +55,29 @@ import numpy as np
 STORE_FORMAT_VERSION = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: Temporary files written by _atomic_write_bytes / save_array_atomic / TRAK.score.
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)(\.npy)?$")
+
+T = TypeVar("T")
 
 
 class StoreMismatchError(ValueError):
     """Reopening a store with settings different from those it was created with."""
 
 
+class StoreBusyError(RuntimeError):
+    """Another process (or object) is featurizing the same checkpoint of this store right now."""
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under before the rename (tagged with our pid)."""
+    suffix = ".npy" if path.suffix == ".npy" else ""
+    stem = path.stem if suffix else path.name
+    return path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -51,7 +87,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_array_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary name in the same directory, then rename."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    tmp = temp_path(path)
     np.save(tmp, array)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -65,27 +101,63 @@ def check_name(name: str, what: str = "experiment name") -> str:
     return name
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _flock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """Holds an exclusive ``flock`` on ``path`` (created if needed); yields False if
+    ``blocking=False`` and someone else holds it. Each call opens its own file description,
+    so two holders in one process exclude each other too (threads, or two Store objects)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            acquired = True
+        except BlockingIOError:          # only raised with LOCK_NB: someone else holds it
+            acquired = False
+        if not acquired:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class Store:
     """A store directory and its metadata (see the module docstring for the layout).
 
     ``settings`` are fixed when the store is created; opening an existing store with different
-    settings raises :class:`StoreMismatchError` naming each difference.
+    settings raises :class:`StoreMismatchError` naming each difference. The caller validates
+    ``settings`` before opening: whatever is passed here is written as the store's settings.
     """
 
     def __init__(self, path: Union[str, os.PathLike], settings: Dict[str, Any]):
         self.path = Path(path)
         self.metadata_path = self.path / "metadata.json"
-        if self.metadata_path.exists():
-            self.metadata = self._load()
-            self._check_settings(settings)
-        else:
-            if self.path.exists() and not self.path.is_dir():
-                raise ValueError(f"save_dir {str(self.path)!r} exists and is not a directory")
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.metadata = {"format_version": STORE_FORMAT_VERSION, "settings": dict(settings),
-                             "models": {}, "experiments": {}}
-            self.save_metadata()
-        self.settings = self.metadata["settings"]
+        self.lock_path = self.path / ".lock"
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"save_dir {str(self.path)!r} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        # Under the lock, so two jobs creating the same store at once agree on its settings.
+        with _flock(self.lock_path):
+            if self.metadata_path.exists():
+                self._check_settings(self._load()["settings"], settings)
+            else:
+                self._write({"format_version": STORE_FORMAT_VERSION, "settings": dict(settings),
+                             "models": {}, "experiments": {}})
+            self._remove_stale_temp_files()
+        self.settings: Dict[str, Any] = self._load()["settings"]   # fixed for the store's life
 
     def _load(self) -> Dict[str, Any]:
         try:
@@ -100,8 +172,11 @@ class Store:
                 "or featurize again into a new directory.")
         return metadata
 
-    def _check_settings(self, settings: Dict[str, Any]) -> None:
-        stored = self.metadata["settings"]
+    def _write(self, metadata: Dict[str, Any]) -> None:
+        _atomic_write_bytes(self.metadata_path,
+                            json.dumps(metadata, indent=1, sort_keys=True).encode())
+
+    def _check_settings(self, stored: Dict[str, Any], settings: Dict[str, Any]) -> None:
         differences = [f"{key}: store has {stored.get(key)!r}, got {value!r}"
                        for key, value in settings.items() if stored.get(key) != value]
         if differences:
@@ -110,9 +185,51 @@ class Store:
                 + "\n  ".join(differences)
                 + "\nOpen it with the same settings, or use a new save_dir.")
 
-    def save_metadata(self) -> None:
-        _atomic_write_bytes(self.metadata_path,
-                            json.dumps(self.metadata, indent=1, sort_keys=True).encode())
+    def _remove_stale_temp_files(self) -> None:
+        """Deletes ``.*.tmp-<pid>*`` files whose writer is dead (e.g. a killed ``score``).
+
+        Files of live pids are left alone: they may be another job's write in progress.
+        """
+        folders = [self.path] + [p for p in self.path.iterdir()
+                                 if p.is_dir() and p.name.startswith(("model_", "experiment_"))]
+        for folder in folders:
+            for item in folder.iterdir():
+                match = _TEMP.match(item.name)
+                if match and not _pid_alive(int(match.group(1))):
+                    with contextlib.suppress(FileNotFoundError):
+                        item.unlink()
+
+    # ---- metadata: fresh reads, locked read-modify-write -----------------------------------
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """The metadata as it is on disk now (a fresh copy; changing it changes nothing)."""
+        return self._load()
+
+    def update(self, change: Callable[[Dict[str, Any]], T]) -> T:
+        """Applies ``change(metadata)`` to the current metadata, atomically; returns its result.
+
+        Holds the store lock while re-reading ``metadata.json``, calling ``change`` (which
+        mutates the dict in place and may raise to abort: nothing is then written) and writing
+        the result, so concurrent updates from other processes are never lost.
+        """
+        with _flock(self.lock_path):
+            metadata = self._load()
+            result = change(metadata)
+            self._write(metadata)
+        return copy.deepcopy(result)
+
+    @contextlib.contextmanager
+    def model_lock(self, model_id: int) -> Iterator[None]:
+        """Exclusive right to write checkpoint ``model_id``'s train arrays, or StoreBusyError."""
+        path = self.path / f".lock-model_{model_id}"
+        with _flock(path, blocking=False) as acquired:
+            if not acquired:
+                raise StoreBusyError(
+                    f"model_id {model_id} of the store at {str(self.path)!r} is being featurized "
+                    f"by another process or TRAK object right now ({str(path)!r} is locked); "
+                    "featurize another model_id, or rerun this one when it is done (it resumes)")
+            yield
 
     # ---- per-model train arrays -------------------------------------------------------------
 

@@ -14,6 +14,13 @@ Differences from ``TRAKer``: the model is never modified (checkpoints are applie
 functionally); an interrupted ``featurize`` resumes where it stopped and gives bitwise the
 same features; the kernel is stored undamped, so ``score`` can be rerun with another
 ``lambda_reg`` or ``ensemble`` without featurizing again; the damping is relative by default.
+
+One job per checkpoint. Any number of ``TRAK`` objects, in one process or many, may share a
+store: each call reads the store's metadata afresh and records only its own change under the
+store lock (see :mod:`trak_fast.store`), so jobs featurizing different ``model_id``s never lose
+each other's work, and a second job featurizing the same ``model_id`` at the same time gets
+:class:`~trak_fast.store.StoreBusyError`. Settings are validated before anything is written,
+so a bad argument never leaves a store that later refuses the corrected one.
 """
 from __future__ import annotations
 
@@ -27,9 +34,10 @@ import torch
 
 from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_same_shapes,
                         _loader_length, featurize, grad_param_names, model_device, num_grad_params)
-from .kernel import Kernel, compute_kernel, kernel_matrix
+from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
+from .projection import _MAX_SEED, _check_int, _check_kind
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
-from .store import Store, check_name, save_array_atomic
+from .store import Store, check_name, save_array_atomic, temp_path
 from .tasks import Task, get_task
 
 logger = logging.getLogger("trak_fast")
@@ -84,6 +92,8 @@ class TRAK:
                  grad_wrt: Optional[Sequence[str]] = None, feature_dtype: str = "float32",
                  device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
                  progress: bool = True):
+        # Every setting is validated before the store is opened: the store records them on
+        # creation, and a bad value written there would make the corrected call a mismatch.
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
@@ -91,8 +101,12 @@ class TRAK:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
         if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int)
-                                     or proj_dim < 1):
-            raise ValueError(f"proj_dim must be a positive int or None, got {proj_dim!r}")
+                                     or not 1 <= proj_dim < 2**31):
+            raise ValueError(f"proj_dim must be an int in [1, 2**31) or None, got {proj_dim!r}")
+        _check_kind(kind)
+        _check_int("seed", seed, 0, _MAX_SEED)
+        if isinstance(grad_memory, bool) or not isinstance(grad_memory, int) or grad_memory < 1:
+            raise ValueError(f"grad_memory must be a positive number of bytes, got {grad_memory!r}")
         self.model = model
         self.task = get_task(task)
         self.proj_dim = proj_dim
@@ -127,23 +141,41 @@ class TRAK:
 
         Resumable: batches whose rows are already finished are read from ``train`` but not
         recomputed, so rerunning after an interruption (Ctrl-C, SIGKILL) completes the store
-        with bitwise the same features as one uninterrupted run (same loader, same device).
-        ``train`` must yield the same ``train_size`` examples in the same order every time.
+        with bitwise the same features as one uninterrupted run (same loader, same device,
+        same torch thread count: torch's own matmuls in the gradients round differently with
+        other thread counts). ``train`` must yield the same ``train_size`` examples in the same
+        order every time. Other jobs may featurize other ``model_id``s of the store at the same
+        time; a concurrent featurize of this ``model_id`` raises
+        :class:`~trak_fast.store.StoreBusyError`.
         """
         model_id = _check_model_id(model_id)
         fingerprint = checkpoint_fingerprint(checkpoint)
-        entry = self.store.model_entry(model_id)
-        if entry is not None and entry["checkpoint"] != fingerprint:
-            raise ValueError(f"model_id {model_id} was featurized with a different checkpoint; "
-                             "use a new model_id or a new save_dir")
-        if entry is not None and entry["featurized"]:
-            logger.info("model_id %d is already featurized; nothing to do", model_id)
-            return
-        featurizer = self._featurizer(checkpoint, model_id)
-        if entry is None:
-            entry = {"checkpoint": fingerprint, "featurized": False, "kernel": None}
-            self.store.metadata["models"][str(model_id)] = entry
-            self.store.save_metadata()
+        featurizer = self._featurizer(checkpoint, model_id)    # validates the checkpoint
+        # Held for the whole run: a second featurizer of this model_id fails fast rather than
+        # writing the same rows (and racing on finished.npy) at the same time.
+        with self.store.model_lock(model_id):
+            def register(metadata: Dict[str, Any]) -> Dict[str, Any]:
+                entry = metadata["models"].get(str(model_id))
+                if entry is not None and entry["checkpoint"] != fingerprint:
+                    raise ValueError(f"model_id {model_id} was featurized with a different "
+                                     "checkpoint; use a new model_id or a new save_dir")
+                if entry is None:
+                    entry = {"checkpoint": fingerprint, "featurized": False, "kernel": None}
+                    metadata["models"][str(model_id)] = entry
+                return entry
+
+            if self.store.update(register)["featurized"]:
+                logger.info("model_id %d is already featurized; nothing to do", model_id)
+                return
+            self._write_train_features(featurizer, train, model_id)
+
+            def mark_featurized(metadata: Dict[str, Any]) -> None:
+                metadata["models"][str(model_id)]["featurized"] = True
+            self.store.update(mark_featurized)
+
+    def _write_train_features(self, featurizer: Featurizer, train: Iterable[Batch],
+                              model_id: int) -> None:
+        """The resumable loop of :meth:`featurize` (the caller holds the model's lock)."""
         features, out_to_loss, finished = self.store.open_train_arrays(model_id, self.feature_dtype)
 
         n, row, shapes = self.train_size, 0, None
@@ -170,28 +202,35 @@ class TRAK:
         if row != n:
             raise ValueError(f"train yielded {row} examples, the store expects train_size = {n}"
                              + (" (an empty loader?)" if row == 0 else ""))
-        entry["featurized"] = True
-        self.store.save_metadata()
 
     def finalize(self, model_ids: Optional[Sequence[int]] = None) -> None:
-        """Computes and saves each checkpoint's kernel (``Phi^T Phi``, or ``Phi Phi^T`` if k > n)."""
+        """Computes and saves each checkpoint's kernel (``Phi^T Phi``, or ``Phi Phi^T`` if k > n).
+
+        ``model_ids=None``: every checkpoint in the store now, including those featurized by
+        other jobs since this object was created. Raises ValueError if a checkpoint's train
+        features are all zero (see :func:`trak_fast.kernel.check_kernel`).
+        """
         models = self.store.metadata["models"]
-        ids = [int(i) for i in models] if model_ids is None else [_check_model_id(i) for i in model_ids]
+        ids = sorted(int(i) for i in models) if model_ids is None else \
+            [_check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("no featurized checkpoints to finalize; call featurize() first")
         for model_id in ids:
-            entry = self.store.model_entry(model_id)
+            entry = models.get(str(model_id))
             if entry is None or not entry["featurized"]:
                 raise ValueError(f"model_id {model_id} is not fully featurized; call "
                                  "featurize() for it (again, to resume) first")
             if entry["kernel"] is not None:
                 continue
             features, _ = self.store.read_train_arrays(model_id)
-            kernel = compute_kernel(features, device=self.device)
+            kernel = check_kernel(compute_kernel(features, device=self.device),
+                                  f"model_id {model_id}")
             save_array_atomic(self.store.model_dir(model_id) / "kernel.npy",
                               kernel.matrix.cpu().numpy())
-            entry["kernel"] = {"form": kernel.form}
-            self.store.save_metadata()
+
+            def record(metadata: Dict[str, Any]) -> None:
+                metadata["models"][str(model_id)]["kernel"] = {"form": kernel.form}
+            self.store.update(record)
 
     def _kernel(self, model_id: int, primal: bool) -> Kernel:
         entry = self.store.model_entry(model_id)
@@ -199,9 +238,11 @@ class TRAK:
             raise ValueError(f"model_id {model_id} has no kernel; call finalize() first")
         features, _ = self.store.read_train_arrays(model_id)
         if primal and entry["kernel"]["form"] != "primal":
-            return Kernel(kernel_matrix(features, device=self.device), "primal", self.train_size)
-        matrix = torch.from_numpy(np.load(self.store.model_dir(model_id) / "kernel.npy"))
-        return Kernel(matrix, entry["kernel"]["form"], self.train_size)
+            kernel = Kernel(kernel_matrix(features, device=self.device), "primal", self.train_size)
+        else:
+            matrix = torch.from_numpy(np.load(self.store.model_dir(model_id) / "kernel.npy"))
+            kernel = Kernel(matrix, entry["kernel"]["form"], self.train_size)
+        return check_kernel(kernel, f"model_id {model_id}")    # also kernels stored before the check
 
     # ---- targets and scores -----------------------------------------------------------------
 
@@ -229,13 +270,22 @@ class TRAK:
                              f"batches hold {phi.shape[0]}; every checkpoint must see the same targets")
         folder = self.store.experiment_dir(name)
         folder.mkdir(exist_ok=True)
-        save_array_atomic(folder / f"targets_{model_id}.npy", phi.float().numpy())
-        if experiment is None:
-            experiment = {"num_targets": phi.shape[0], "targets": {}, "scores": None}
-            self.store.metadata["experiments"][name] = experiment
-        experiment["targets"][str(model_id)] = entry["checkpoint"]
-        experiment["scores"] = None          # any earlier scores no longer match the targets
-        self.store.save_metadata()
+
+        def record(metadata: Dict[str, Any]) -> None:
+            experiment = metadata["experiments"].get(name)
+            if experiment is None:       # checked again: another job may have created it
+                experiment = {"num_targets": phi.shape[0], "targets": {}, "scores": None}
+                metadata["experiments"][name] = experiment
+            elif experiment["num_targets"] != phi.shape[0]:
+                raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, "
+                                 f"these batches hold {phi.shape[0]}")
+            # Written under the lock, so the file and its metadata entry change together.
+            save_array_atomic(folder / f"targets_{model_id}.npy", phi.float().numpy())
+            experiment["targets"][str(model_id)] = entry["checkpoint"]
+            experiment["scores"] = None      # any earlier scores no longer match the targets
+            # Lets a score() running meanwhile notice that its inputs changed.
+            experiment["revision"] = experiment.get("revision", 0) + 1
+        self.store.update(record)
 
     def score(self, name: str, *, model_ids: Optional[Sequence[int]] = None,
               lambda_reg: Optional[float] = None, relative_lambda: Optional[bool] = None,
@@ -262,26 +312,36 @@ class TRAK:
             raise ValueError(f"experiment {name!r} already has scores; load them with "
                              "load_scores(name) or pass overwrite=True")
         n, t = self.train_size, experiment["num_targets"]
-        tmp = folder / f".scores.tmp-{os.getpid()}.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype="float32", shape=(n, t))
-        q_sum = torch.zeros(n, dtype=torch.float64)
-        for model_id in ids:
-            features, out_to_loss = self.store.read_train_arrays(model_id)
-            targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
-            scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
-                if ensemble == "trak" else 1.0
-            model_scores(features, targets, self._kernel(model_id, primal=ensemble == "trak"),
-                         lambda_reg=lambda_reg, relative_lambda=relative_lambda,
-                         feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
-                         device=self.device, progress=self.progress)
-            q_sum += torch.from_numpy(np.asarray(out_to_loss, dtype=np.float64))
-        finish_ensemble(out, q_sum, len(ids))
-        out.flush()
-        del out
-        os.replace(tmp, folder / "scores.npy")
-        experiment["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg,
-                                "relative_lambda": relative_lambda, "model_ids": ids}
-        self.store.save_metadata()
+        tmp = temp_path(folder / "scores.npy")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype="float32", shape=(n, t))
+            q_sum = torch.zeros(n, dtype=torch.float64)
+            for model_id in ids:
+                features, out_to_loss = self.store.read_train_arrays(model_id)
+                targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
+                scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
+                    if ensemble == "trak" else 1.0
+                model_scores(features, targets, self._kernel(model_id, primal=ensemble == "trak"),
+                             lambda_reg=lambda_reg, relative_lambda=relative_lambda,
+                             feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
+                             device=self.device, progress=self.progress)
+                q_sum += torch.from_numpy(np.asarray(out_to_loss, dtype=np.float64))
+            finish_ensemble(out, q_sum, len(ids))
+            out.flush()
+            del out
+
+            def record(metadata: Dict[str, Any]) -> None:
+                current = metadata["experiments"][name]
+                if current.get("revision") != experiment.get("revision"):
+                    raise RuntimeError(f"the target features of experiment {name!r} changed "
+                                       "while it was being scored; call score() again")
+                # Under the lock, so scores.npy and its metadata entry change together.
+                os.replace(tmp, folder / "scores.npy")
+                current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg,
+                                     "relative_lambda": relative_lambda, "model_ids": ids}
+            self.store.update(record)
+        finally:
+            tmp.unlink(missing_ok=True)      # an error or Ctrl-C leaves no half-written scores
         return self.load_scores(name)
 
     def load_scores(self, name: str) -> np.ndarray:
@@ -293,10 +353,9 @@ class TRAK:
 
     @property
     def model_ids(self) -> List[int]:
-        """Checkpoints with train features in the store (finished or not)."""
+        """Checkpoints with train features in the store now (finished or not, any job's)."""
         return sorted(int(i) for i in self.store.metadata["models"])
 
     def status(self) -> Dict[str, Any]:
-        """A copy of the store's metadata: settings, per-model and per-experiment state."""
-        import copy
-        return copy.deepcopy(self.store.metadata)
+        """The store's metadata as on disk now: settings, per-model and per-experiment state."""
+        return self.store.metadata

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../project.h"
 #include "trak_fast/random_matrix.h"
@@ -220,16 +221,16 @@ namespace {
 
 // out[:, col0:col1] += scale * sum over pieces of G_piece @ R[rows of piece, col0:col1],
 // one tile of R at a time: generate it into a small buffer, multiply with BLAS.
-void project_columns(const at::Tensor& acc, at::TensorList grads, uint64_t seed, int64_t kind,
-                     int64_t feature_offset, double scale, int64_t col0, int64_t col1) {
-  const int64_t batch = acc.size(0), ncols = col1 - col0;
+void project_columns(const at::Tensor& acc, const std::vector<at::Tensor>& grads, uint64_t seed,
+                     int64_t kind, int64_t feature_offset, double scale, int64_t col0,
+                     int64_t col1) {
+  const int64_t ncols = col1 - col0;
   const at::ScalarType dtype = acc.scalar_type();
   const int64_t tile_rows = kTileElems / kChunkCols;
   at::Tensor tile = at::empty({tile_rows, ncols}, acc.options());
   at::Tensor acc_cols = acc.narrow(1, col0, ncols);
   int64_t offset = feature_offset;
-  for (const at::Tensor& piece : grads) {
-    const at::Tensor g = piece.reshape({batch, -1});
+  for (const at::Tensor& g : grads) {
     const int64_t width = g.size(1);
     for (int64_t row0 = 0; row0 < width; row0 += tile_rows) {
       const int64_t nrows = std::min(tile_rows, width - row0);
@@ -259,12 +260,16 @@ void project_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, 
   // single-threaded GEMMs into its own columns: tiles stay in the core's cache, no
   // reduction is needed, and every output element is summed in the same order whatever
   // the thread count, so results are bitwise reproducible across machines' thread counts.
+  // [B, width] views of the pieces, made once (a non-viewable piece is copied once, here).
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(grads.size());
+  for (const at::Tensor& piece : grads) pieces.push_back(piece.reshape({out.size(0), -1}));
   const int64_t chunks = (k + kChunkCols - 1) / kChunkCols;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t col0 = chunk * kChunkCols;
-      project_columns(acc, grads, static_cast<uint64_t>(seed), kind, feature_offset, scale,
+      project_columns(acc, pieces, static_cast<uint64_t>(seed), kind, feature_offset, scale,
                       col0, std::min(k, col0 + kChunkCols));
     }
   });
