@@ -309,7 +309,7 @@ def test_bad_arguments_raise(data, trained):
     batches = digits.batches(*data[:2])
     with pytest.raises(ValueError, match="grad_wrt names parameters the model does not have"):
         featurize(model, model.state_dict(), batches, grad_wrt=["nope"])
-    with pytest.raises(ValueError, match="proj_dim must be a positive int or None"):
+    with pytest.raises(ValueError, match=r"proj_dim must be an int in \[1, 2\*\*31\) or None"):
         featurize(model, model.state_dict(), batches, proj_dim=0)
     with pytest.raises(ValueError, match="task must be"):
         featurize(model, model.state_dict(), batches, task="ranking")

@@ -46,8 +46,13 @@ class Features(NamedTuple):
 
 def _check_proj_dim(proj_dim: Optional[int]) -> None:
     if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int)
-                                 or proj_dim < 1):
-        raise ValueError(f"proj_dim must be a positive int or None (raw gradients), got {proj_dim!r}")
+                                 or not 1 <= proj_dim < 2**31):
+        raise ValueError(f"proj_dim must be an int in [1, 2**31) or None (raw gradients), got {proj_dim!r}")
+
+
+def _check_grad_memory(grad_memory: int) -> None:
+    if isinstance(grad_memory, bool) or not isinstance(grad_memory, int) or grad_memory < 1:
+        raise ValueError(f"grad_memory must be a positive number of bytes, got {grad_memory!r}")
 
 
 @contextlib.contextmanager
@@ -146,8 +151,7 @@ class Featurizer:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_proj_dim(proj_dim)
-        if isinstance(grad_memory, bool) or not isinstance(grad_memory, int) or grad_memory < 1:
-            raise ValueError(f"grad_memory must be a positive number of bytes, got {grad_memory!r}")
+        _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
         self.proj_dim = proj_dim

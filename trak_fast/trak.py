@@ -32,7 +32,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_same_shapes,
+from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_grad_memory,
+                        _check_proj_dim, _check_same_shapes,
                         _loader_length, featurize, grad_param_names, model_device, num_grad_params)
 from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
 from .projection import _MAX_SEED, _check_int, _check_kind
@@ -100,13 +101,10 @@ class TRAK:
             raise ValueError(f"train_size must be a positive int, got {train_size!r}")
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
-        if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int)
-                                     or not 1 <= proj_dim < 2**31):
-            raise ValueError(f"proj_dim must be an int in [1, 2**31) or None, got {proj_dim!r}")
+        _check_proj_dim(proj_dim)
         _check_kind(kind)
         _check_int("seed", seed, 0, _MAX_SEED)
-        if isinstance(grad_memory, bool) or not isinstance(grad_memory, int) or grad_memory < 1:
-            raise ValueError(f"grad_memory must be a positive number of bytes, got {grad_memory!r}")
+        _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
         self.proj_dim = proj_dim
