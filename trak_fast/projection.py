@@ -9,13 +9,13 @@ entries ``+-1/sqrt(k)``, ``kind="gaussian"`` entries ``N(0, 1/k)``; either way
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
 from . import _ops
 
-Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
+Grads = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 
 _MAX_SEED = 2**63
 _MAX_OFFSET = 2**62
@@ -61,7 +61,7 @@ def _as_pieces(grads: Grads) -> list:
                 f"got a tensor of shape {tuple(grads.shape)}"
             )
         pieces = [grads]
-    elif isinstance(grads, dict):
+    elif isinstance(grads, Mapping):
         pieces = list(grads.values())
     elif isinstance(grads, (list, tuple)):
         pieces = list(grads)
@@ -70,9 +70,10 @@ def _as_pieces(grads: Grads) -> list:
             f"grads must be a tensor or a sequence of tensors, got {type(grads).__name__}"
         )
     if not pieces:
-        raise ValueError("grads must hold at least one tensor, got an empty sequence")
+        raise ValueError("grads must hold at least one tensor, got an empty "
+                         + ("dict" if isinstance(grads, Mapping) else "sequence"))
     # Name pieces as the caller knows them: grads['conv.weight'] for a dict, grads[3] otherwise.
-    names = [f"grads[{key!r}]" for key in grads] if isinstance(grads, dict) else \
+    names = [f"grads[{key!r}]" for key in grads] if isinstance(grads, Mapping) else \
         [f"grads[{t}]" for t in range(len(pieces))]
     for name, g in zip(names, pieces):
         if not isinstance(g, torch.Tensor):

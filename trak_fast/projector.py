@@ -32,9 +32,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .projection import _check_kind, _check_precision, _check_scale, model_seed, project, projection_matrix
+from .projection import Grads, _check_kind, _check_precision, _check_scale, model_seed, project, projection_matrix
 
-Grads = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 
 _MAX_SEED = 2**63
 
@@ -61,8 +60,8 @@ def as_int(name: str, value: Any, low: int = 0, high: int = _MAX_SEED) -> int:
 def dict_pieces(grads: Mapping[str, torch.Tensor]) -> list:
     """The values of a ``{name: [B, ...]}`` gradient dict, in order, checked with key names.
 
-    ``trak_fast.project`` checks pieces too, but by position; a dict deserves errors that
-    name the parameter (``'fc.weight' has batch size 3, expected 4``).
+    ``trak_fast.project`` checks a dict the same way, but also requires one device; this is
+    for callers that move the pieces to a device of their own first (the trak compat layer).
     """
     if len(grads) == 0:
         raise ValueError("grads must hold at least one tensor, got an empty dict")
@@ -232,8 +231,6 @@ class Projector:
             ``out[b, j] = c * sum_i grads[b, i] * R_s[feature_offset + i, j]``: ``[B, proj_dim]``
             float32 (float64 when any input is float64), on the device of ``grads``.
         """
-        if isinstance(grads, Mapping):
-            grads = dict_pieces(grads)
         return project(
             grads,
             self._proj_dim,
