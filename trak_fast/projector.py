@@ -28,7 +28,7 @@ The seed ``s`` of a call is
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
