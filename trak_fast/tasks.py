@@ -74,6 +74,32 @@ class Task(abc.ABC):
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
         """``Q_i = -d loss / d f`` at each example of the batch, shape ``[B]`` (no gradient)."""
 
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        """``[f(z_1), ..., f(z_B)]`` for a whole batch in one forward pass, shape ``[B]``.
+
+        Optional. The hook-based gradient path (``gradients="hooks"``) differentiates
+        ``sum_b f(z_b)`` in one ordinary batched backward pass, so it needs this batched
+        form; example ``b``'s output must depend on example ``b`` only. A task that does not
+        define it keeps the ``torch.func.vmap`` path of :meth:`output`.
+        """
+        raise NotImplementedError(f"task {self.name!r} defines no batched outputs()")
+
+    def outputs_and_out_to_loss(self, model: ModelFn, batch: Any
+                                ) -> "tuple[torch.Tensor, torch.Tensor]":
+        """``(f [B], Q [B])``; built-in tasks share one forward pass between the two.
+
+        ``f`` keeps its graph (it is differentiated); ``Q`` is detached.
+        """
+        f = self.outputs(model, batch)
+        with torch.no_grad():
+            q = self.out_to_loss(model, batch)
+        return f, q
+
+    @property
+    def has_batched_outputs(self) -> bool:
+        """Whether this task's class defines :meth:`outputs` (the hook path needs it)."""
+        return type(self).outputs is not Task.outputs
+
     def check_batch(self, batch: Any, where: str) -> int:
         """Validates one batch and returns its size. ``where`` names it in error messages."""
         return batch_size_of(batch, where)
@@ -83,6 +109,14 @@ def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """``logits[label] - logsumexp(logits[other classes])`` for one example's ``[C]`` logits."""
     is_label = torch.arange(logits.shape[-1], device=logits.device) == label
     correct = (logits * is_label).sum()
+    others = logits.masked_fill(is_label, float("-inf"))
+    return correct - torch.logsumexp(others, dim=-1)
+
+
+def _batched_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`_margin` of every row of ``logits [B, C]``: ``[B]``."""
+    is_label = torch.arange(logits.shape[-1], device=logits.device)[None, :] == labels[:, None]
+    correct = (logits * is_label).sum(-1)
     others = logits.masked_fill(is_label, float("-inf"))
     return correct - torch.logsumexp(others, dim=-1)
 
@@ -104,6 +138,24 @@ class ClassificationTask(Task):
 
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
         inputs, labels = batch
+        return self._q(self._logits(model, inputs, labels), labels)
+
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        inputs, labels = batch
+        return _batched_margin(self._logits(model, inputs, labels), labels)
+
+    def outputs_and_out_to_loss(self, model: ModelFn, batch: Any):
+        inputs, labels = batch
+        logits = self._logits(model, inputs, labels)
+        return _batched_margin(logits, labels), self._q(logits.detach(), labels)
+
+    @staticmethod
+    def _q(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float(), dim=1).gather(1, labels[:, None].long())[:, 0]
+        return 1.0 - p
+
+    @staticmethod
+    def _logits(model: ModelFn, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = model(inputs)
         if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
             raise ValueError(
@@ -117,8 +169,7 @@ class ClassificationTask(Task):
                 f"labels must lie in [0, {classes}) for a model with {classes} logits, "
                 f"got labels in [{low}, {high}]"
             )
-        p = torch.softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
-        return 1.0 - p
+        return logits
 
     def check_batch(self, batch: Any, where: str) -> int:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -153,12 +204,21 @@ class RegressionTask(Task):
         return model(inputs.unsqueeze(0)).reshape(())
 
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        return self.outputs_and_out_to_loss(model, batch)[1]
+
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
         inputs, targets = batch
-        prediction = model(inputs).reshape(targets.shape[0], -1)
+        output = model(inputs)
+        prediction = output.reshape(targets.shape[0], -1)
         if prediction.shape[1] != 1:
             raise ValueError(f"the regression task needs one output per example, got model "
-                             f"output of shape {tuple(model(inputs).shape)}")
-        return (targets.reshape(-1).to(prediction.dtype) - prediction[:, 0]).float()
+                             f"output of shape {tuple(output.shape)}")
+        return prediction[:, 0]
+
+    def outputs_and_out_to_loss(self, model: ModelFn, batch: Any):
+        f = self.outputs(model, batch)
+        targets = batch[1]
+        return f, (targets.reshape(-1).to(f.dtype) - f.detach()).float()
 
 
 _BUILT_IN: Dict[str, Callable[[], Task]] = {
