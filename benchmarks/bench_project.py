@@ -6,7 +6,15 @@ CPU (default), in one run, float32:
   - MadryLab trak 0.3.2's BasicProjector (what TRAK users run on a CPU today);
 and a large shape (B=8, n=2^26, k=2048, where P would be 512 GiB) for peak extra memory.
 
+--small-batch instead times the two CPU paths for Rademacher float32 (the register kernel
+and tiles + GEMM, forced with TRAK_FAST_CPU_KERNEL) at n=2^23, k=2048, B in 1, 8, 32, 64,
+sweeps B further at n=2^20 for the crossover (AVX-512 here; the AVX2 + FMA variant in a
+child process), checks the issue's targets, and bounds what a register path could gain
+for the Gaussian kind (its generation alone against tiles + GEMM). Times are the minimum
+of --repeat runs (the least disturbed run on a shared machine).
+
     python benchmarks/bench_project.py                 # CPU table + JSON
+    python benchmarks/bench_project.py --small-batch   # small-batch table + JSON
     python benchmarks/bench_project.py --device cuda   # the GPU benchmark (bench_project_cuda.py)
 
 Prints a table and writes JSON (default benchmarks/results/bench_project_cpu.json).
@@ -138,6 +146,136 @@ def bench_large(batch: int, n: int, k: int):
             "finite": child["finite"]}
 
 
+# ---- small batches: the register kernel against tiles + GEMM ---------------------------
+
+def _time_path(path, grads, k, repeat, kind="rademacher"):
+    os.environ["TRAK_FAST_CPU_KERNEL"] = path
+    try:
+        import trak_fast
+
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            out = trak_fast.project(grads, k, seed=0, kind=kind)
+            times.append(time.perf_counter() - start)
+        return min(times), out
+    finally:
+        os.environ.pop("TRAK_FAST_CPU_KERNEL", None)
+
+
+def _both_paths(batch, n, k, repeat):
+    grads = torch.randn(batch, n)
+    t_reg, a = _time_path("registers", grads, k, repeat)
+    t_tile, b = _time_path("tiles", grads, k, repeat)
+    err = rel_err(a, b)
+    assert err < 1e-4, f"the two CPU paths disagree at B={batch}, n={n}, k={k}: {err}"
+    return {"B": batch, "n": n, "k": k, "registers_s": t_reg, "tiles_s": t_tile,
+            "registers_per_row_s": t_reg / batch, "tiles_per_row_s": t_tile / batch,
+            "speedup": t_tile / t_reg, "rel_err_between_paths": err}
+
+
+_AVX2_CHILD = r"""
+import json, os, sys, time, torch, trak_fast
+n, k, repeat = map(int, sys.argv[1:4])
+os.environ["TRAK_FAST_CPU_KERNEL"] = "registers"
+rows = []
+for batch in map(int, sys.argv[4].split(",")):
+    g = torch.randn(batch, n)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter(); trak_fast.project(g, k); times.append(time.perf_counter() - start)
+    rows.append({"B": batch, "registers_avx2_s": min(times)})
+print(json.dumps(rows))
+"""
+
+
+def _gaussian_bound(n, k, repeat):
+    """Any register path must still generate all n x k Gaussian entries; time that alone
+    (into a reused [64, k] buffer that stays in cache, like a tile: n / 64 fills) against
+    tiles + GEMM at B = 1 and 8."""
+    import trak_fast
+
+    rows_per_fill = min(64, n)
+    buf = torch.empty(rows_per_fill, k)
+    fill = torch.ops.trak_fast.fill_projection_matrix_.default
+
+    def generate():
+        for offset in range(0, n, rows_per_fill):
+            fill(buf, 0, 1, offset, 1.0)
+
+    t_gen = min(_timed(generate) for _ in range(repeat))
+    rows = []
+    for batch in (1, 8):
+        t_tiles, _ = _time_path("tiles", torch.randn(batch, n), k, repeat, kind="gaussian")
+        rows.append({"kind": "gaussian", "B": batch, "n": n, "k": k, "tiles_s": t_tiles,
+                     "generation_alone_s": t_gen, "max_register_speedup": t_tiles / t_gen})
+    del trak_fast
+    return rows
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def small_batch(meta, repeat, out_path, n=2**23, k=2048, sweep_n=2**20):
+    import subprocess
+
+    table = [_both_paths(b, n, k, repeat) for b in (1, 8, 32, 64)]
+    sweep_batches = (1, 8, 32, 64, 128, 256)
+    sweep = [_both_paths(b, sweep_n, k, repeat) for b in sweep_batches]
+    env = dict(os.environ, TRAK_FAST_DISABLE_AVX512="1")
+    proc = subprocess.run([sys.executable, "-c", _AVX2_CHILD, str(sweep_n), str(k), str(repeat),
+                           ",".join(map(str, sweep_batches))], env=env, capture_output=True, text=True)
+    if proc.returncode == 0:
+        for row, child in zip(sweep, json.loads(proc.stdout.strip().splitlines()[-1])):
+            row["registers_avx2_s"] = child["registers_avx2_s"]
+    gaussian = _gaussian_bound(sweep_n, k, repeat)
+
+    by_b = {r["B"]: r for r in table}
+    today = "tiles_s"  # the path every call took before the register kernel
+    targets = {
+        "B1_per_row_over_B64_per_row": by_b[1]["registers_s"] / (by_b[64]["registers_s"] / 64),
+        "B8_speedup_vs_tiles": by_b[8][today] / by_b[8]["registers_s"],
+        "B64_speedup_vs_tiles": by_b[64][today] / by_b[64]["registers_s"],
+    }
+    targets["met"] = {"B1 per row <= 3x B64 per row": targets["B1_per_row_over_B64_per_row"] <= 3,
+                      "B8 >= 2x faster": targets["B8_speedup_vs_tiles"] >= 2,
+                      "B64 no slower": targets["B64_speedup_vs_tiles"] >= 1}
+
+    print(f"# {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, float32, rademacher, "
+          f"min of {repeat} runs")
+    print(f"## n = {n}, k = {k}")
+    print("| B | registers (s) | tiles + GEMM (s) | registers per row (s) | tiles per row (s) | speedup |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['B']} | {r['registers_s']:.3f} | {r['tiles_s']:.3f} | {r['registers_per_row_s']:.4f} | "
+              f"{r['tiles_per_row_s']:.4f} | {r['speedup']:.2f}x |")
+    print(f"\n## crossover sweep, n = {sweep_n}, k = {k} (per row, s)")
+    print("| B | registers AVX-512 | registers AVX2 + FMA | tiles + GEMM | faster |")
+    print("|---|---|---|---|---|")
+    for r in sweep:
+        avx2 = r.get("registers_avx2_s", float("nan")) / r["B"]
+        winner = "registers" if r["registers_s"] < r["tiles_s"] else "tiles"
+        print(f"| {r['B']} | {r['registers_per_row_s']:.4f} | {avx2:.4f} | {r['tiles_per_row_s']:.4f} | {winner} |")
+    print(f"\n## gaussian, n = {sweep_n}, k = {k}: generation alone bounds any register path")
+    print("| B | tiles + GEMM (s) | generating P alone (s) | best possible speedup |")
+    print("|---|---|---|---|")
+    for r in gaussian:
+        print(f"| {r['B']} | {r['tiles_s']:.3f} | {r['generation_alone_s']:.3f} | {r['max_register_speedup']:.2f}x |")
+    print(f"\ntargets: B1/B64 per row = {targets['B1_per_row_over_B64_per_row']:.2f}x, "
+          f"B8 speedup = {targets['B8_speedup_vs_tiles']:.2f}x, B64 speedup = {targets['B64_speedup_vs_tiles']:.2f}x; "
+          f"{targets['met']}")
+    out = out_path or os.path.join(HERE, "results", "bench_project_cpu_small_batch.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "table": table, "sweep": sweep, "gaussian": gaussian, "targets": targets,
+                   "avx2_child_error": None if proc.returncode == 0 else proc.stderr[-2000:]}, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -147,6 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-trak", action="store_true", help="skip MadryLab trak's BasicProjector")
     parser.add_argument("--no-large", action="store_true", help="skip the B=8, n=2^26, k=2048 memory run")
+    parser.add_argument("--small-batch", action="store_true",
+                        help="the small-batch table: register kernel vs tiles + GEMM (see above)")
     parser.add_argument("--out", default=None, help="JSON path")
     args, rest = parser.parse_known_args(argv)
 
@@ -160,6 +300,8 @@ def main(argv=None) -> int:
     meta = {"machine": f"{cpu_model()} ({cpu_flags()})", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "trak_fast": trak_fast.__version__, "dtype": "float32",
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.small_batch:
+        return small_batch(meta, args.repeat, args.out)
     rows = bench_shape(args.batch, args.n, args.k, args.repeat, not args.no_trak)
     large = None if args.no_large else bench_large(8, 2**26, 2048)
 
