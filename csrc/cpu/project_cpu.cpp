@@ -1,4 +1,5 @@
-// CPU kernels: generate tiles of R into a small buffer, multiply them with BLAS.
+// CPU kernels: generate tiles of R into a small buffer, multiply them with BLAS; and the
+// choice between this path and the register kernel (project_small_batch_cpu.cpp).
 //
 // out[:, cols] += scale * G[:, rows] @ R[rows, cols], one tile of R at a time. The tile
 // buffers (one per thread, kTileElems entries) are the only extra memory, whatever n is.
