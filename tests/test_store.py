@@ -403,4 +403,4 @@ def test_temp_files_of_dead_processes_are_removed_on_open(setup, tmp_path, monke
     live.unlink()
     trak.score("val")
     assert sorted(p.name for p in (tmp_path / "experiment_val").iterdir()) == \
-        ["scores.npy", "targets_0.npy"]
+        ["examples.npy", "scores.npy", "targets_0.npy"]

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .fingerprint import Ledger
 from .featurize import DEFAULT_GRAD_MEMORY, Batch, Device, featurize, model_device, num_grad_params
 from .kernel import check_kernel, compute_kernel
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
@@ -36,7 +37,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             with ``torch.func.functional_call``).
         checkpoints: state_dicts; checkpoint ``m`` gets ``model_id = m``.
         train, targets: iterables of batches in a fixed order, e.g. ``(inputs, labels)`` from
-            a DataLoader without shuffling; iterated once per checkpoint.
+            a DataLoader without shuffling; iterated once per checkpoint. Every example is
+            fingerprinted (:mod:`trak_fast.fingerprint`): a later checkpoint that sees other
+            examples, or the same in another order, raises
+            :class:`~trak_fast.fingerprint.ExampleMismatchError` before featurizing them.
         task: ``"classification"`` (margin, ``Q = 1 - p``), ``"regression"``, or a
             :class:`~trak_fast.Task`.
         proj_dim: ``k``; ``None`` uses the raw gradients as features.
@@ -72,10 +76,18 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     score_sum = None
     q_sum = None
     n = t = None
+    # Checkpoint 0's pass over each loader is fingerprinted; later checkpoints must see the
+    # same examples in the same order (see trak_fast.fingerprint), checked before each batch.
+    seen = {"train": None, "targets": None}
     for model_id, checkpoint in enumerate(checkpoints):
-        phi, q = featurize(model, checkpoint, train, model_id=model_id, what="train", **settings)
+        ledgers = {what: Ledger(what, seen[what], against=f"the {what} examples checkpoint 0 saw")
+                   for what in seen}
+        phi, q = featurize(model, checkpoint, train, model_id=model_id, what="train",
+                           before_batch=ledgers["train"], **settings)
         phi_targets = featurize(model, checkpoint, targets, model_id=model_id, what="targets",
-                                out_to_loss=False, **settings).phi
+                                out_to_loss=False, before_batch=ledgers["targets"], **settings).phi
+        if model_id == 0:
+            seen = {what: ledger.hashes for what, ledger in ledgers.items()}
         if n is None:
             n, t = phi.shape[0], phi_targets.shape[0]
             score_sum = torch.zeros(n, t, dtype=phi.dtype)

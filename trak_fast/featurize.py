@@ -21,7 +21,7 @@ computed.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -306,7 +306,8 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
               proj_dim: Optional[int] = 2048, kind: str = "rademacher", seed: int = 0,
               model_id: int = 0, grad_wrt: Optional[Sequence[str]] = None,
               device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
-              progress: bool = False, out_to_loss: bool = True, what: str = "train") -> Features:
+              progress: bool = False, out_to_loss: bool = True, what: str = "train",
+              before_batch: Optional[Callable[[str, int, Batch], None]] = None) -> Features:
     """Features of every example in ``batches`` under one checkpoint, in memory.
 
     Returns ``Features(phi [n, k], out_to_loss [n])`` on the CPU: ``phi`` float32 (float64 for
@@ -314,6 +315,9 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     that ``E ||phi_i||^2 = ||grad f(z_i)||^2``; raw gradients when ``proj_dim=None``.
     ``out_to_loss`` is ``None`` when not requested. A gradient dot product baseline is
     ``featurize(...).phi @ target_features(...).T``.
+
+    ``before_batch(where, first_row, batch)``, if given, is called before each batch is
+    featurized (e.g. a :class:`trak_fast.fingerprint.Ledger` that raises on a reordered loader).
     """
     featurizer = Featurizer(model, checkpoint, task=task, proj_dim=proj_dim, kind=kind, seed=seed,
                             model_id=model_id, grad_wrt=grad_wrt, device=device,
@@ -321,11 +325,16 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     phis: List[torch.Tensor] = []
     qs: List[torch.Tensor] = []
     shapes = None
+    rows = 0
     for index, batch in enumerate(_batches(batches, what, progress, _loader_length(batches))):
         where = f"{what} batch {index}"
         if featurizer.task.fixed_shapes:
             shapes = _check_same_shapes(batch, shapes, where)
+        if before_batch is not None:
+            featurizer.task.check_batch(batch, where)     # a malformed batch is reported as such
+            before_batch(where, rows, batch)
         phi, q = featurizer(batch, where=where, out_to_loss=out_to_loss)
+        rows += phi.shape[0]
         phis.append(phi.cpu())
         if q is not None:
             qs.append(q.cpu())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import torch
 from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_grad_memory,
                         _check_proj_dim, _check_same_shapes,
                         _loader_length, featurize, grad_param_names, model_device, num_grad_params)
+from .fingerprint import Ledger, check_rows, example_hashes, signature
 from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
 from .projection import _MAX_SEED, _check_int, _check_kind
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
@@ -57,6 +58,10 @@ def checkpoint_fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class _WrongLength(Exception):
+    """The train loader yielded more or fewer than train_size examples."""
 
 
 def _check_model_id(model_id: Any) -> int:
@@ -173,33 +178,72 @@ class TRAK:
 
     def _write_train_features(self, featurizer: Featurizer, train: Iterable[Batch],
                               model_id: int) -> None:
-        """The resumable loop of :meth:`featurize` (the caller holds the model's lock)."""
-        features, out_to_loss, finished = self.store.open_train_arrays(model_id, self.feature_dtype)
+        """The resumable loop of :meth:`featurize` (the caller holds the model's lock).
+
+        Every batch is fingerprinted (:mod:`trak_fast.fingerprint`) before any work and
+        compared with the finished rows it covers (a resume) and with the finished rows of
+        every other checkpoint; its hashes are written before its ``finished`` marks. If the
+        loader turns out to yield more or fewer than ``train_size`` examples, the rows this
+        call wrote are un-marked: which examples they hold is unknown.
+        """
+        features, out_to_loss, finished, examples = self.store.open_train_arrays(
+            model_id, self.feature_dtype)
+        own = np.array(examples)
+        own[np.asarray(finished) == 0] = 0
+        others = [(i, self.store.read_train_examples(i)) for i in self.model_ids if i != model_id]
+        others = [(i, hashes) for i, hashes in others if hashes is not None]
+        start_over = (f"To featurize model_id {model_id} from scratch, delete "
+                      f"{str(self.store.model_dir(model_id))!r} and call featurize again "
+                      "(or use a new save_dir).")
 
         n, row, shapes = self.train_size, 0, None
+        written: List[Tuple[int, int]] = []      # row ranges this call marked finished
         loader = _batches(train, f"featurizing model {model_id}", self.progress, _loader_length(train))
-        for index, batch in enumerate(loader):
-            where = f"train batch {index}"
-            size = self.task.check_batch(batch, where)
-            if self.task.fixed_shapes:
-                shapes = _check_same_shapes(batch, shapes, where)
-            if row + size > n:
-                raise ValueError(f"train yielded more than train_size = {n} examples "
-                                 f"({row + size} by batch {index})")
-            if finished[row:row + size].all():
+        try:
+            for index, batch in enumerate(loader):
+                where = f"train batch {index}"
+                size = self.task.check_batch(batch, where)
+                if self.task.fixed_shapes:
+                    shapes = _check_same_shapes(batch, shapes, where)
+                if row + size > n:
+                    raise _WrongLength(f"train yielded more than train_size = {n} examples "
+                                       f"({row + size} by batch {index})")
+                hashes = example_hashes(batch, where)
+                now = signature(batch)
+                check_rows(hashes, own[row:row + size], where=where, first_row=row,
+                           against=f"the rows an earlier featurize of model_id {model_id} "
+                           "wrote (resume)", reference=own, start_over=start_over, now=now)
+                for other_id, other in others:
+                    check_rows(hashes, other[row:row + size], where=where, first_row=row,
+                               against=f"the train examples of model_id {other_id}",
+                               reference=other, now=now, start_over="Every checkpoint must "
+                               "see the train examples in the order of the first one.")
+                if finished[row:row + size].all():
+                    row += size
+                    continue
+                phi, q = featurizer(batch, where=where)
+                features[row:row + size] = phi.cpu().numpy()
+                out_to_loss[row:row + size] = q.cpu().numpy()
+                features.flush()
+                out_to_loss.flush()
+                examples[row:row + size] = hashes
+                examples.flush()
+                written.append((row, row + size))
+                finished[row:row + size] = 1       # only after the rows themselves are written
+                finished.flush()
                 row += size
-                continue
-            phi, q = featurizer(batch, where=where)
-            features[row:row + size] = phi.cpu().numpy()
-            out_to_loss[row:row + size] = q.cpu().numpy()
-            features.flush()
-            out_to_loss.flush()
-            finished[row:row + size] = 1       # only after the rows themselves are written
+            if row != n:
+                raise _WrongLength(f"train yielded {row} examples, the store expects train_size = {n}"
+                                   + (" (an empty loader?)" if row == 0 else ""))
+        except _WrongLength as exc:
+            for start, stop in written:         # marks first: a finished row always has its hash
+                finished[start:stop] = 0
             finished.flush()
-            row += size
-        if row != n:
-            raise ValueError(f"train yielded {row} examples, the store expects train_size = {n}"
-                             + (" (an empty loader?)" if row == 0 else ""))
+            for start, stop in written:
+                examples[start:stop] = 0
+            examples.flush()
+            kept = " The rows written by this call are not kept." if written else ""
+            raise ValueError(f"{exc}.{kept}") from None
 
     def finalize(self, model_ids: Optional[Sequence[int]] = None) -> None:
         """Computes and saves each checkpoint's kernel (``Phi^T Phi``, or ``Phi Phi^T`` if k > n).
@@ -213,6 +257,7 @@ class TRAK:
             [_check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("no featurized checkpoints to finalize; call featurize() first")
+        self._check_same_train_examples(ids)
         for model_id in ids:
             entry = models.get(str(model_id))
             if entry is None or not entry["featurized"]:
@@ -229,6 +274,21 @@ class TRAK:
             def record(metadata: Dict[str, Any]) -> None:
                 metadata["models"][str(model_id)]["kernel"] = {"form": kernel.form}
             self.store.update(record)
+
+    def _check_same_train_examples(self, ids: Sequence[int]) -> None:
+        """All checkpoints' train rows hold the same examples (jobs that ran at the same time
+        could only check each other's rows finished by then)."""
+        hashes = {i: self.store.read_train_examples(i) for i in self.model_ids}
+        hashes = {i: h for i, h in hashes.items() if h is not None}
+        if not hashes:
+            return
+        first = min(hashes)
+        for model_id in ids:
+            if model_id != first and model_id in hashes:
+                check_rows(hashes[model_id], hashes[first], where=f"the train rows of model_id {model_id}",
+                           first_row=0, against=f"those of model_id {first}",
+                           start_over="Featurize one of them again from scratch (delete its "
+                           "model_<id> folder) with the loader of the other.")
 
     def _kernel(self, model_id: int, primal: bool) -> Kernel:
         entry = self.store.model_entry(model_id)
@@ -259,14 +319,19 @@ class TRAK:
         if experiment is not None and str(model_id) in experiment["targets"] and not overwrite:
             raise ValueError(f"experiment {name!r} already has target features for model_id "
                              f"{model_id}; pass overwrite=True to replace them")
+        folder = self.store.experiment_dir(name)
+        recorded = folder / "examples.npy"
+        reference = np.load(recorded) if experiment is not None and recorded.exists() else None
+        ledger = Ledger(f"targets {name!r}", reference,
+                        against=f"the targets experiment {name!r} was created with "
+                        "(use a new experiment name for other targets)")
         phi = featurize(self.model, checkpoint, targets, task=self.task, proj_dim=self.proj_dim,
                         kind=self.kind, seed=self.seed, model_id=model_id, grad_wrt=self.grad_wrt,
                         device=self.device, grad_memory=self.grad_memory, progress=self.progress,
-                        out_to_loss=False, what=f"targets {name!r}").phi
+                        out_to_loss=False, what=f"targets {name!r}", before_batch=ledger).phi
         if experiment is not None and experiment["num_targets"] != phi.shape[0]:
             raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, these "
                              f"batches hold {phi.shape[0]}; every checkpoint must see the same targets")
-        folder = self.store.experiment_dir(name)
         folder.mkdir(exist_ok=True)
 
         def record(metadata: Dict[str, Any]) -> None:
@@ -274,9 +339,13 @@ class TRAK:
             if experiment is None:       # checked again: another job may have created it
                 experiment = {"num_targets": phi.shape[0], "targets": {}, "scores": None}
                 metadata["experiments"][name] = experiment
+                save_array_atomic(recorded, ledger.hashes)
             elif experiment["num_targets"] != phi.shape[0]:
                 raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, "
                                  f"these batches hold {phi.shape[0]}")
+            elif reference is None:      # another job created it meanwhile: compare with its targets
+                check_rows(ledger.hashes, np.load(recorded), where=f"targets {name!r}",
+                           first_row=0, against=f"the targets experiment {name!r} was created with")
             # Written under the lock, so the file and its metadata entry change together.
             save_array_atomic(folder / f"targets_{model_id}.npy", phi.float().numpy())
             experiment["targets"][str(model_id)] = entry["checkpoint"]
