@@ -144,8 +144,8 @@ def interrupted(batches, after):
      r"train batch 0 \(10 of 10 examples, rows 0-9\).*some of its examples were recorded at "
      "other rows, the others not at all"),
     (lambda x, y, extra: (x.flip(1), y), r"train batch 0.*its examples are different ones"),
-    (lambda x, y, extra: (x.double(), y), r"train batch 0.*shapes or dtypes of its tensors differ "
-     r"\(now \(float64\[64\], int64\[\]\)\)"),
+    (lambda x, y, extra: (x, y.int()), r"train batch 0.*shapes or dtypes of its tensors differ "
+     r"\(now \(float32\[64\], int32\[\]\)\)"),
 ])
 def test_resume_with_another_loader_raises_before_any_work(setup, tmp_path, loader, message):
     model, checkpoints, (x, y, _, _), extra = setup

@@ -115,7 +115,8 @@ def _resume_and_compare(store, tmp_path, checkpoint, x, y, finished):
     resumed = TRAK(store, digits.make_mlp(16), train_size=N_TRAIN, proj_dim=PROJ_DIM, task=task,
                    progress=False)
     resumed.featurize(checkpoint, digits.batches(x, y, BATCH), model_id=0)
-    assert task.calls == (~finished).reshape(-1, BATCH).all(axis=1).sum()  # only unfinished batches
+    # Only unfinished batches, plus the up-front forward check of the first batch.
+    assert task.calls == (~finished).reshape(-1, BATCH).all(axis=1).sum() + 1
 
     whole = TRAK(tmp_path / "whole", digits.make_mlp(16), train_size=N_TRAIN, proj_dim=PROJ_DIM,
                  progress=False)
@@ -224,10 +225,16 @@ def test_trak_class_equals_attribute_and_protects_results(setup, tmp_path):
 def test_wrong_number_of_train_rows_raises(setup, tmp_path):
     model, checkpoints, (x, y, _, _), _ = setup
     trak = TRAK(tmp_path, model, train_size=N_TRAIN, proj_dim=8, progress=False)
-    with pytest.raises(ValueError, match="train yielded 0 examples.*empty loader"):
+    with pytest.raises(ValueError, match=r"train holds 0 examples \(0 batches\)"):
         trak.featurize(checkpoints[0], [], model_id=0)
-    with pytest.raises(ValueError, match="more than train_size = 200"):
+    with pytest.raises(ValueError, match=r"train holds 400 examples \(4 batches\), but train_size = 200"):
         trak.featurize(checkpoints[0], digits.batches(torch.cat([x, x]), torch.cat([y, y])), model_id=0)
+    # A generator has no length: the count is found while featurizing.
+    one_shot = (batch for batch in digits.batches(torch.cat([x, x]), torch.cat([y, y])))
+    with pytest.raises(ValueError, match="more than train_size = 200"):
+        trak.featurize(checkpoints[0], one_shot, model_id=0)
+    with pytest.raises(ValueError, match="train yielded 0 examples.*empty loader"):
+        trak._write_train_features(trak._featurizer(checkpoints[0], 0), [], 0)
     with pytest.raises(ValueError, match="not fully featurized"):
         trak.finalize([0])
 

@@ -16,8 +16,11 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from . import checks
 from .fingerprint import Ledger
-from .featurize import DEFAULT_GRAD_MEMORY, Batch, Device, featurize, model_device, num_grad_params
+from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, _check_grad_memory, _check_proj_dim,
+                        featurize, grad_param_names, num_grad_params)
+from .projection import _MAX_SEED, _check_int, _check_kind
 from .kernel import check_kernel, compute_kernel
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
 from .tasks import Task, get_task
@@ -71,8 +74,23 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
+    # Everything cheap is checked before the first gradient (see trak_fast.checks).
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_proj_dim(proj_dim)
+    _check_kind(kind)
+    _check_int("seed", seed, 0, _MAX_SEED)
+    _check_grad_memory(grad_memory)
+    grad_param_names(model, grad_wrt)
+    compute_device = checks.compute_device(model, device)
+    checks.check_checkpoints(model, checkpoints)
+    train, targets = (checks.prepare_loader(loader, what, model=model, checkpoint=checkpoints[0],
+                                            task=task, device=compute_device,
+                                            passes=len(checkpoints))
+                      for loader, what in ((train, "train"), (targets, "targets")))
+
     settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
-                    device=device, grad_memory=grad_memory, progress=progress)
+                    device=compute_device, grad_memory=grad_memory, progress=progress)
     score_sum = None
     q_sum = None
     n = t = None
@@ -102,7 +120,6 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         if ensemble == "trak":
             num_params = phi.shape[1] if proj_dim is None else num_grad_params(model, grad_wrt)
             scale = trak_feature_scale(proj_dim, num_params)
-        compute_device = model_device(model) if device is None else torch.device(device)
         kernel = check_kernel(compute_kernel(phi, form="primal" if ensemble == "trak" else "auto",
                                              device=compute_device), f"checkpoint {model_id}")
         model_scores(phi, phi_targets, kernel, lambda_reg=lambda_reg,

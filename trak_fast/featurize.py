@@ -319,8 +319,11 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     ``before_batch(where, first_row, batch)``, if given, is called before each batch is
     featurized (e.g. a :class:`trak_fast.fingerprint.Ledger` that raises on a reordered loader).
     """
+    from .checks import compute_device     # here: checks imports this module
     featurizer = Featurizer(model, checkpoint, task=task, proj_dim=proj_dim, kind=kind, seed=seed,
-                            model_id=model_id, grad_wrt=grad_wrt, device=device,
+                            model_id=model_id, grad_wrt=grad_wrt,
+                            device=compute_device(model, device)
+                            if isinstance(model, torch.nn.Module) else device,
                             grad_memory=grad_memory)
     phis: List[torch.Tensor] = []
     qs: List[torch.Tensor] = []

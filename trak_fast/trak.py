@@ -34,7 +34,8 @@ import torch
 
 from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_grad_memory,
                         _check_proj_dim, _check_same_shapes,
-                        _loader_length, featurize, grad_param_names, model_device, num_grad_params)
+                        _loader_length, featurize, grad_param_names, num_grad_params)
+from . import checks
 from .fingerprint import Ledger, check_rows, example_hashes, signature
 from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
 from .projection import _MAX_SEED, _check_int, _check_kind
@@ -117,7 +118,7 @@ class TRAK:
         self.seed = seed
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.feature_dtype = feature_dtype
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = checks.compute_device(model, device)
         self.grad_memory = grad_memory
         self.progress = progress
         self.num_grad_params = num_grad_params(model, self.grad_wrt)
@@ -152,8 +153,12 @@ class TRAK:
         :class:`~trak_fast.store.StoreBusyError`.
         """
         model_id = _check_model_id(model_id)
+        checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
+        train = checks.prepare_loader(train, "train", model=self.model, checkpoint=checkpoint,
+                                      task=self.task, device=self.device, passes=1,
+                                      expected=self.train_size)
         fingerprint = checkpoint_fingerprint(checkpoint)
-        featurizer = self._featurizer(checkpoint, model_id)    # validates the checkpoint
+        featurizer = self._featurizer(checkpoint, model_id)
         # Held for the whole run: a second featurizer of this model_id fails fast rather than
         # writing the same rows (and racing on finished.npy) at the same time.
         with self.store.model_lock(model_id):
@@ -315,6 +320,9 @@ class TRAK:
             raise ValueError(f"model_id {model_id} has no train features; featurize it first")
         if entry["checkpoint"] != checkpoint_fingerprint(checkpoint):
             raise ValueError(f"this is not the checkpoint model_id {model_id} was featurized with")
+        targets = checks.prepare_loader(targets, f"targets {name!r}", model=self.model,
+                                        checkpoint=checkpoint, task=self.task, device=self.device,
+                                        passes=1)
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is not None and str(model_id) in experiment["targets"] and not overwrite:
             raise ValueError(f"experiment {name!r} already has target features for model_id "
