@@ -21,6 +21,10 @@ store lock (see :mod:`trak_fast.store`), so jobs featurizing different ``model_i
 each other's work, and a second job featurizing the same ``model_id`` at the same time gets
 :class:`~trak_fast.store.StoreBusyError`. Settings are validated before anything is written,
 so a bad argument never leaves a store that later refuses the corrected one.
+
+Every train and target example is fingerprinted (:mod:`trak_fast.fingerprint`); a resume,
+another checkpoint or an experiment's later targets that see other examples, or the same in
+another order, raise instead of silently pairing rows of different examples.
 """
 from __future__ import annotations
 
@@ -148,7 +152,10 @@ class TRAK:
         with bitwise the same features as one uninterrupted run (same loader, same device,
         same torch thread count: torch's own matmuls in the gradients round differently with
         other thread counts). ``train`` must yield the same ``train_size`` examples in the same
-        order every time. Other jobs may featurize other ``model_id``s of the store at the same
+        order every time, and as every other checkpoint of the store: each example is
+        fingerprinted, and a mismatch raises
+        :class:`~trak_fast.fingerprint.ExampleMismatchError` before the batch is computed.
+        Cheap mistakes are caught before any work (:mod:`trak_fast.checks`). Other jobs may featurize other ``model_id``s of the store at the same
         time; a concurrent featurize of this ``model_id`` raises
         :class:`~trak_fast.store.StoreBusyError`.
         """
