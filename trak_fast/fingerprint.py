@@ -100,13 +100,13 @@ def check_rows(hashes: np.ndarray, expected: np.ndarray, *, where: str, first_ro
                start_over: str = "", now: str = "") -> None:
     """Raises :class:`ExampleMismatchError` unless ``hashes`` equal ``expected`` on recorded rows.
 
-    ``expected [B, 2]`` holds the earlier pass's hashes of the same rows (0 = not recorded,
-    not compared); ``reference`` (all of the earlier pass's rows) lets the message tell a
+    ``expected [B, 2]`` holds the earlier pass's hashes of the same rows (rows where either
+    side is 0, not recorded, are not compared); ``reference`` (all of the earlier pass's rows) lets the message tell a
     reordering from different data. ``against`` names the earlier pass ("the interrupted
     run", "checkpoint 0"); ``start_over`` says how to discard it; ``now`` is the batch's
     :func:`signature`, quoted when the structure changed.
     """
-    recorded = expected[:, 1] != 0
+    recorded = (expected[:, 1] != 0) & (hashes[:, 1] != 0)
     differ = recorded & (hashes[:, 1] != expected[:, 1])
     if not differ.any():
         return

@@ -41,8 +41,9 @@ Example fingerprints. ``examples.npy`` holds, per row, the ``(structure, content
 :func:`trak_fast.fingerprint.example_hashes` (0 = no example recorded). A train row's hashes
 are written after its features and before its ``finished`` mark, so every finished row says
 which example it holds. A resume compares each batch with the finished rows it covers, a
-checkpoint with the finished rows of every other checkpoint, and ``finalize`` all
-checkpoints with each other; an experiment's targets are recorded by its first
+checkpoint with the finished rows of one reference checkpoint (the lowest fully featurized
+``model_id``, else the lowest with rows), and ``finalize`` every checkpoint with that
+reference, which also catches jobs that ran at the same time; an experiment's targets are recorded by its first
 ``featurize_targets`` and compared by every later one. A mismatch raises
 :class:`~trak_fast.fingerprint.ExampleMismatchError` (a reordered or different loader), never
 silently pairs rows of different examples. A featurize that stops because the loader yielded
