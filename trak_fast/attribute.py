@@ -84,10 +84,12 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     grad_param_names(model, grad_wrt)
     compute_device = checks.compute_device(model, device)
     checks.check_checkpoints(model, checkpoints)
-    train, targets = (checks.prepare_loader(loader, what, model=model, checkpoint=checkpoints[0],
-                                            task=task, device=compute_device,
-                                            passes=len(checkpoints))
-                      for loader, what in ((train, "train"), (targets, "targets")))
+    run = checks.model_fn(model, checkpoints[0], compute_device)
+    train = checks.prepare_loader(train, "train", model=model, run=run, task=task,
+                                  device=compute_device, passes=len(checkpoints))
+    targets = checks.prepare_loader(targets, "targets", model=model, run=run, task=task,
+                                    device=compute_device, passes=len(checkpoints))
+    del run      # frees this copy of checkpoint 0's tensors before featurizing makes its own
 
     settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
                     device=compute_device, grad_memory=grad_memory, progress=progress)

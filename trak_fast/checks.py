@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections.abc
 import itertools
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils import _pytree as pytree
@@ -167,10 +167,20 @@ def peek(loader: Iterable[Batch], what: str) -> Tuple[Batch, Iterable[Batch]]:
     return first, loader
 
 
-def check_first_batch(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], task: Task,
+def model_fn(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
+             device: torch.device) -> Callable[..., Any]:
+    """``model`` run with ``checkpoint``'s tensors on ``device`` (the checkpoint is copied once)."""
+    params, buffers = checkpoint_tensors(model, checkpoint, device)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(model, (params, buffers), args, kwargs)
+    return run
+
+
+def check_first_batch(model: torch.nn.Module, run: Callable[..., Any], task: Task,
                       batch: Batch, what: str, device: torch.device) -> Optional[int]:
-    """The task's checks and one forward pass with ``checkpoint``; returns the number of
-    classes for the classification task (else ``None``)."""
+    """The task's checks and one forward pass of ``run`` (see :func:`model_fn`); returns the
+    number of classes for the classification task (else ``None``)."""
     where = f"{what} batch 0"
     size = task.check_batch(batch, where)
     if size == 0:
@@ -179,12 +189,7 @@ def check_first_batch(model: torch.nn.Module, checkpoint: Mapping[str, torch.Ten
         if isinstance(t, torch.Tensor) and t.is_meta:
             raise ValueError(f"{where} holds a tensor on the meta device (shape {tuple(t.shape)}), "
                              "which has no values; load the data onto the CPU or a GPU")
-    params, buffers = checkpoint_tensors(model, checkpoint, device)
     batch = to_device(batch, device)
-
-    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.func.functional_call(model, (params, buffers), args, kwargs)
-
     classes = None
     with eval_mode(model), torch.no_grad():
         try:
@@ -222,12 +227,13 @@ def check_all_labels(loader: Iterable[Batch], classes: int, what: str) -> None:
 
 
 def prepare_loader(loader: Iterable[Batch], what: str, *, model: torch.nn.Module,
-                   checkpoint: Mapping[str, torch.Tensor], task: Task, device: torch.device,
+                   run: Callable[..., Any], task: Task, device: torch.device,
                    passes: int, expected: Optional[int] = None) -> Iterable[Batch]:
-    """All up-front checks of one loader; returns the loader to iterate (see :func:`peek`)."""
+    """All up-front checks of one loader; returns the loader to iterate (see :func:`peek`).
+    ``run`` is the model with the first checkpoint (:func:`model_fn`)."""
     check_loader(loader, what, task, passes=passes, expected=expected)
     first, loader = peek(loader, what)
-    classes = check_first_batch(model, checkpoint, task, first, what, device)
+    classes = check_first_batch(model, run, task, first, what, device)
     if classes is not None:
         check_all_labels(loader, classes, what)
     return loader

@@ -161,7 +161,8 @@ class TRAK:
         """
         model_id = _check_model_id(model_id)
         checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
-        train = checks.prepare_loader(train, "train", model=self.model, checkpoint=checkpoint,
+        train = checks.prepare_loader(train, "train", model=self.model,
+                                      run=checks.model_fn(self.model, checkpoint, self.device),
                                       task=self.task, device=self.device, passes=1,
                                       expected=self.train_size)
         fingerprint = checkpoint_fingerprint(checkpoint)
@@ -343,8 +344,8 @@ class TRAK:
         if entry["checkpoint"] != checkpoint_fingerprint(checkpoint):
             raise ValueError(f"this is not the checkpoint model_id {model_id} was featurized with")
         targets = checks.prepare_loader(targets, f"targets {name!r}", model=self.model,
-                                        checkpoint=checkpoint, task=self.task, device=self.device,
-                                        passes=1)
+                                        run=checks.model_fn(self.model, checkpoint, self.device),
+                                        task=self.task, device=self.device, passes=1)
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is not None and str(model_id) in experiment["targets"] and not overwrite:
             raise ValueError(f"experiment {name!r} already has target features for model_id "
