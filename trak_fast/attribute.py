@@ -28,7 +28,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               kind: str = "rademacher", seed: int = 0, lambda_reg: Optional[float] = None,
               relative_lambda: Optional[bool] = None, ensemble: str = "mean",
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
-              grad_memory: int = DEFAULT_GRAD_MEMORY, progress: bool = True) -> torch.Tensor:
+              grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
+              projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
+              progress: bool = True) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
     Args:
@@ -50,6 +52,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         grad_wrt: parameter names to differentiate; the others' gradients are never computed.
         device: where to compute (``None``: the model's device).
         grad_memory: bytes for one group of per-example gradients (see :mod:`trak_fast.featurize`).
+        gradients: ``"auto"`` (module hooks for Linear/Conv2d/Conv1D layers when the task has
+            batched ``outputs``, vmap for the rest), ``"hooks"`` or ``"vmap"``.
+        projection: ``"dense"`` or ``"factored"`` (per-layer ``vec(P_out^T G P_in)``,
+            ``factored_dims = (k_out, k_in)``, default 16 x 16; ``proj_dim`` is then unused).
         progress: show tqdm progress bars.
 
     Raises:
@@ -67,8 +73,12 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
+    if ensemble == "trak" and projection != "dense":
+        raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; it "
+                         f"cannot be combined with projection={projection!r}")
     settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
-                    device=device, grad_memory=grad_memory, progress=progress)
+                    device=device, grad_memory=grad_memory, gradients=gradients,
+                    projection=projection, factored_dims=factored_dims, progress=progress)
     score_sum = None
     q_sum = None
     n = t = None
