@@ -244,7 +244,9 @@ class Featurizer:
 
     def _vmap_features(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> None:
         names = self.plan.vmapped
-        sizes = [self.params[n].numel() for n in names]
+        # torch.func forms each use's gradient of a tied parameter before summing them, so a
+        # parameter registered in u modules counts u times against the budget.
+        sizes = [self.params[n].numel() * self.plan.uses[n] for n in names]
         budget = self._budget()
         for group in parameter_groups(sizes, max(1, budget // batch_size)):
             group_names = [names[i] for i in group]
@@ -256,6 +258,7 @@ class Featurizer:
                 if self.proj_dim is None:
                     for name in group_names:
                         self._emit(grads[name], name, phi, start, stop)
+                    del grads
                     continue
                 # One call per run of parameters that are consecutive rows of P (hooked
                 # parameters between them break a run).
@@ -263,6 +266,7 @@ class Featurizer:
                     project([grads[n] for n in run], self.proj_dim, seed=self.seed,
                             kind=self.kind, feature_offset=self.offsets[run[0]],
                             out=phi[start:stop])
+                del grads       # before the next slice's gradients exist
 
     def _consecutive_runs(self, names: List[str]) -> List[List[str]]:
         runs: List[List[str]] = []
@@ -296,6 +300,7 @@ class Featurizer:
                     g = (adapter.weight_grad(inputs[start:stop], grad[start:stop])
                          if role == "weight" else adapter.bias_grad(grad[start:stop]))
                     self._emit(g, name, phi, start, stop)
+                    del g       # before the next chunk exists: one chunk at a time
         return LayerTap(tracked.module, adapter, lambda inputs: inputs, on_grad)
 
     def _factored_tap(self, tracked: TrackedModule, phi: torch.Tensor) -> LayerTap:

@@ -20,7 +20,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .factored import FeatureBlock, check_factored_dims, factored_layout
-from .hooks import Use, hookable_parameters
+from .hooks import Use, hookable_parameters, parameter_uses
 from .layers import LayerAdapter, adapter_for
 
 logger = logging.getLogger("trak_fast")
@@ -49,6 +49,7 @@ class GradientPlan(NamedTuple):
     modules: List[TrackedModule]      # every module with a hooked parameter
     roles: Dict[str, str]             # hooked name -> "weight" | "bias"
     dims: Dict[str, Tuple[int, int]]  # module key -> (d_out, d_in)
+    uses: Dict[str, int]              # name -> modules registering it (tied weights: > 1)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -121,7 +122,8 @@ def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradi
                 modules[id(use.module)] = entry
                 dims[key] = (adapter.d_out, adapter.d_in)
             entry.params.append((use.role, name))
-    return GradientPlan(hooked, vmapped, list(modules.values()), roles, dims)
+    uses = {name: max(1, len(u)) for name, u in parameter_uses(model).items()}
+    return GradientPlan(hooked, vmapped, list(modules.values()), roles, dims, uses)
 
 
 def _factorable(hookable: Dict[str, List[Use]]) -> Dict[str, List[Use]]:
