@@ -18,8 +18,8 @@ import torch
 
 from . import checks
 from .fingerprint import Ledger
-from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, _check_grad_memory, _check_proj_dim,
-                        featurize, grad_param_names, num_grad_params)
+from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, FeatureSpec, _check_grad_memory,
+                        featurize, num_grad_params)
 from .projection import _MAX_SEED, _check_int, _check_kind
 from .kernel import check_kernel, compute_kernel
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
@@ -32,7 +32,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               kind: str = "rademacher", seed: int = 0, lambda_reg: Optional[float] = None,
               relative_lambda: Optional[bool] = None, ensemble: str = "mean",
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
-              grad_memory: int = DEFAULT_GRAD_MEMORY, progress: bool = True) -> torch.Tensor:
+              grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
+              projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
+              progress: bool = True) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
     Args:
@@ -57,6 +59,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         grad_wrt: parameter names to differentiate; the others' gradients are never computed.
         device: where to compute (``None``: the model's device).
         grad_memory: bytes for one group of per-example gradients (see :mod:`trak_fast.featurize`).
+        gradients: ``"auto"`` (module hooks for Linear/Conv2d/Conv1D layers when the task has
+            batched ``outputs``, vmap for the rest), ``"hooks"`` or ``"vmap"``.
+        projection: ``"dense"`` or ``"factored"`` (per-layer ``vec(P_out^T G P_in)``,
+            ``factored_dims = (k_out, k_in)``, default 16 x 16; ``proj_dim`` is then unused).
         progress: show tqdm progress bars.
 
     Raises:
@@ -74,14 +80,17 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
+    if ensemble == "trak" and projection != "dense":
+        raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; it "
+                         f"cannot be combined with projection={projection!r}")
     # Everything cheap is checked before the first gradient (see trak_fast.checks).
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_proj_dim(proj_dim)
+    FeatureSpec(model, task, proj_dim=proj_dim, grad_wrt=grad_wrt, gradients=gradients,
+                projection=projection, factored_dims=factored_dims)     # validates them
     _check_kind(kind)
     _check_int("seed", seed, 0, _MAX_SEED)
     _check_grad_memory(grad_memory)
-    grad_param_names(model, grad_wrt)
     compute_device = checks.compute_device(model, device)
     checks.check_checkpoints(model, checkpoints)
     run = checks.model_fn(model, checkpoints[0], compute_device)
@@ -92,7 +101,8 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     del run      # frees this copy of checkpoint 0's tensors before featurizing makes its own
 
     settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
-                    device=compute_device, grad_memory=grad_memory, progress=progress)
+                    device=compute_device, grad_memory=grad_memory, gradients=gradients,
+                    projection=projection, factored_dims=factored_dims, progress=progress)
     score_sum = None
     q_sum = None
     n = t = None

@@ -36,9 +36,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_grad_memory,
+from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, FeatureSpec, _batches,
+                        _check_grad_memory,
                         _check_proj_dim, _check_same_shapes,
-                        _loader_length, featurize, grad_param_names, num_grad_params)
+                        _loader_length, featurize, grad_param_names)
 from . import checks
 from .fingerprint import Ledger, check_rows, example_hashes, signature
 from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
@@ -90,6 +91,9 @@ class TRAK:
             float16 rounding of the features, about 1e-3 relative).
         device: where to compute (``None``: the model's device).
         grad_memory: bytes for one group of per-example gradients.
+        gradients, projection, factored_dims: how per-example gradients are computed and
+            projected (see :class:`~trak_fast.Featurizer`); ``projection`` and
+            ``factored_dims`` are recorded in the store.
         progress: tqdm progress bars (``False``: quiet).
 
     ``proj_dim``, ``kind``, ``seed``, ``grad_wrt``, ``feature_dtype``, ``train_size``, the task's
@@ -102,7 +106,8 @@ class TRAK:
                  proj_dim: Optional[int] = 2048, kind: str = "rademacher", seed: int = 0,
                  grad_wrt: Optional[Sequence[str]] = None, feature_dtype: str = "float32",
                  device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
-                 progress: bool = True):
+                 gradients: str = "auto", projection: str = "dense",
+                 factored_dims: Optional[Sequence[int]] = None, progress: bool = True):
         # Every setting is validated before the store is opened: the store records them on
         # creation, and a bad value written there would make the corrected call a mismatch.
         if not isinstance(model, torch.nn.Module):
@@ -125,12 +130,18 @@ class TRAK:
         self.device = checks.compute_device(model, device)
         self.grad_memory = grad_memory
         self.progress = progress
-        self.num_grad_params = num_grad_params(model, self.grad_wrt)
+        spec = FeatureSpec(model, self.task, proj_dim=proj_dim, grad_wrt=grad_wrt,
+                           gradients=gradients, projection=projection, factored_dims=factored_dims)
+        self.gradients = gradients
+        self.projection = projection
+        self.factored_dims = spec.factored_dims
+        self.num_grad_params = spec.num_grad_params
         settings = {
-            "train_size": train_size, "proj_dim": proj_dim, "kind": kind, "seed": seed,
+            "train_size": train_size, "proj_dim": spec.proj_dim, "kind": kind, "seed": seed,
             "grad_wrt": self.grad_wrt, "feature_dtype": feature_dtype, "task": self.task.name,
-            "num_grad_params": self.num_grad_params,
-            "num_features": proj_dim if proj_dim is not None else self.num_grad_params,
+            "num_grad_params": self.num_grad_params, "num_features": spec.num_features,
+            "projection": projection,
+            "factored_dims": None if spec.factored_dims is None else list(spec.factored_dims),
         }
         self.store = Store(save_dir, settings)
         self.train_size = train_size
@@ -141,7 +152,12 @@ class TRAK:
     def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, proj_dim=self.proj_dim,
                           kind=self.kind, seed=self.seed, model_id=model_id,
-                          grad_wrt=self.grad_wrt, device=self.device, grad_memory=self.grad_memory)
+                          grad_wrt=self.grad_wrt, device=self.device, grad_memory=self.grad_memory,
+                          **self._gradient_settings())
+
+    def _gradient_settings(self) -> Dict[str, Any]:
+        return dict(gradients=self.gradients, projection=self.projection,
+                    factored_dims=self.factored_dims)
 
     def featurize(self, checkpoint: Mapping[str, torch.Tensor], train: Iterable[Batch], *,
                   model_id: int) -> None:
@@ -359,7 +375,8 @@ class TRAK:
         phi = featurize(self.model, checkpoint, targets, task=self.task, proj_dim=self.proj_dim,
                         kind=self.kind, seed=self.seed, model_id=model_id, grad_wrt=self.grad_wrt,
                         device=self.device, grad_memory=self.grad_memory, progress=self.progress,
-                        out_to_loss=False, what=f"targets {name!r}", before_batch=ledger).phi
+                        out_to_loss=False, what=f"targets {name!r}", before_batch=ledger,
+                        **self._gradient_settings()).phi
         if experiment is not None and experiment["num_targets"] != phi.shape[0]:
             raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, these "
                              f"batches hold {phi.shape[0]}; every checkpoint must see the same targets")
@@ -399,6 +416,9 @@ class TRAK:
         if experiment is None:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
         lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
+        if ensemble == "trak" and self.projection != "dense":
+            raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; this "
+                             f"store uses projection={self.projection!r}")
         ids = [int(i) for i in experiment["targets"]] if model_ids is None else \
             [_check_model_id(i) for i in model_ids]
         missing = [i for i in ids if str(i) not in experiment["targets"]]
