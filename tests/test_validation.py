@@ -61,6 +61,16 @@ def run_attribute(setup, *, checkpoints=None, train=None, targets=None, **kwargs
         assert task.gradient_calls == 0, "featurizing started before the mistake was reported"
 
 
+@pytest.mark.parametrize("gradients", ["hooks", "vmap"])
+def test_the_counter_sees_featurizing_on_every_gradient_path(setup, gradients):
+    """Control: "no gradient calls" below means something on either path."""
+    model, checkpoints, (x, y, xt, yt) = setup
+    task = CountingTask()
+    attribute(model, checkpoints[:1], digits.batches(x, y, BATCH), digits.batches(xt, yt, 3),
+              task=task, proj_dim=PROJ_DIM, gradients=gradients, progress=False)
+    assert task.gradient_calls >= len(digits.batches(x, y, BATCH))
+
+
 def _with(checkpoint, name, value):
     return dict(checkpoint, **{name: value})
 
