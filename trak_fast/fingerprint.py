@@ -25,6 +25,10 @@ deterministic examples). A sampled tensor that changes only away from the sample
 is not detected; labels and the sampled positions catch the mistakes this is for (a
 shuffled, shifted or different data set).
 
+Batching may change between passes (hashes are per example), with one exception: inputs
+padded per batch (tasks with ``fixed_shapes = False``) carry their padding into the example's
+shape and bytes, so such loaders must keep their batching too.
+
 Each example gets two 64-bit hashes ``[structure, content]`` (never 0: 0 means "no example
 recorded for this row"), stored as uint64 ``[n, 2]`` arrays.
 """
