@@ -17,8 +17,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from .featurize import DEFAULT_GRAD_MEMORY, Batch, Device, featurize, model_device, num_grad_params
-from .kernel import check_kernel, compute_kernel
-from .score import damping, finish_ensemble, model_scores, trak_feature_scale
+from .kernel import compute_kernels, kernel_blocks
+from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .tasks import Task, get_task
 
 
@@ -30,7 +30,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
               grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
               projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
-              progress: bool = True) -> torch.Tensor:
+              kernel: str = "full", progress: bool = True) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
     Args:
@@ -55,7 +55,11 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         gradients: ``"auto"`` (module hooks for Linear/Conv2d/Conv1D layers when the task has
             batched ``outputs``, vmap for the rest), ``"hooks"`` or ``"vmap"``.
         projection: ``"dense"`` or ``"factored"`` (per-layer ``vec(P_out^T G P_in)``,
-            ``factored_dims = (k_out, k_in)``, default 16 x 16; ``proj_dim`` is then unused).
+            ``factored_dims = (k_out, k_in)``, default 16 x 16; ``proj_dim`` is then unused), or
+            ``"per_layer"`` (``proj_dim`` split over the layers, one matrix each).
+        kernel: ``"full"`` (one kernel over all features) or ``"per_layer"`` (its block
+            diagonal by layer, each block damped relative to its own trace; needs a layout by
+            layer: ``projection="per_layer"`` or ``"factored"``, or raw gradients).
         progress: show tqdm progress bars.
 
     Raises:
@@ -73,9 +77,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
-    if ensemble == "trak" and projection != "dense":
+    if ensemble == "trak" and (projection != "dense" or kernel != "full"):
         raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; it "
-                         f"cannot be combined with projection={projection!r}")
+                         f"cannot be combined with projection={projection!r}, kernel={kernel!r}")
     settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
                     device=device, grad_memory=grad_memory, gradients=gradients,
                     projection=projection, factored_dims=factored_dims, progress=progress)
@@ -83,7 +87,8 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     q_sum = None
     n = t = None
     for model_id, checkpoint in enumerate(checkpoints):
-        phi, q = featurize(model, checkpoint, train, model_id=model_id, what="train", **settings)
+        features = featurize(model, checkpoint, train, model_id=model_id, what="train", **settings)
+        phi, q = features
         phi_targets = featurize(model, checkpoint, targets, model_id=model_id, what="targets",
                                 out_to_loss=False, **settings).phi
         if n is None:
@@ -101,9 +106,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             num_params = phi.shape[1] if proj_dim is None else num_grad_params(model, grad_wrt)
             scale = trak_feature_scale(proj_dim, num_params)
         compute_device = model_device(model) if device is None else torch.device(device)
-        kernel = check_kernel(compute_kernel(phi, form="primal" if ensemble == "trak" else "auto",
-                                             device=compute_device), f"checkpoint {model_id}")
-        model_scores(phi, phi_targets, kernel, lambda_reg=lambda_reg,
+        blocks = kernel_blocks(features.layout, phi.shape[1], kernel)
+        kernels = compute_kernels(phi, blocks, form="primal" if ensemble == "trak" else "auto",
+                                  device=compute_device, where=f"checkpoint {model_id}")
+        block_scores(phi, phi_targets, kernels, lambda_reg=lambda_reg,
                      relative_lambda=relative_lambda, feature_scale=scale,
                      normalize_inverse=ensemble == "trak", out=score_sum, device=compute_device,
                      progress=False)

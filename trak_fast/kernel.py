@@ -27,16 +27,31 @@ below ``k * eps * max eigenvalue`` are dropped), so the solve never fails. The p
 (``attribute``, ``TRAK``) first pass the kernel through :func:`check_kernel`: a zero kernel means
 every feature is zero, and silently returning all-zero scores would hide that mistake.
 
+**Per layer.** ``kernel="per_layer"`` replaces ``K`` by its block diagonal over the feature
+layout's layers (:func:`trak_fast.layout.layer_blocks`): ``K_l = Phi_l^T Phi_l`` with its own
+``lambda_l = lambda_rel * tr(K_l) / n``, and the scores become a sum over layers (see
+:mod:`trak_fast.score`). Each block is scale-free on its own, so a layer with small gradients
+is no longer drowned by one with large gradients; that is the structure of LoGra's and EK-FAC's
+per-layer curvature. :func:`compute_kernels` returns the blocks with their kernels.
+
 **Dual form.** When ``k > n`` the ``n x n`` Gram matrix ``G = Phi Phi^T`` is smaller, and
 ``Phi (Phi^T Phi + lambda I)^-1 = (Phi Phi^T + lambda I)^-1 Phi`` gives the same scores
 (``tr(G) = tr(K)``, so the damping is the same). :func:`compute_kernel` picks the smaller one.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+import logging
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from .layout import FeatureBlock, layer_blocks
+
+logger = logging.getLogger("trak_fast")
+
+#: ``kernel=`` choices: one kernel over all features, or its block diagonal by layer.
+KERNELS = ("full", "per_layer")
 
 #: Relative damping lambda_rel (lambda = lambda_rel * tr(Phi^T Phi) / n). Chosen with the LDS
 #: harness on digits and checked on two more problems (see the module docstring); change it
@@ -195,3 +210,41 @@ class RegularizedInverse:
         if self._cholesky is not None:
             return torch.cholesky_inverse(self._cholesky)
         return (self._vectors * self._inverse_values) @ self._vectors.T
+
+
+def kernel_blocks(layout: Sequence[FeatureBlock], num_features: int, kernel: str
+                  ) -> List[FeatureBlock]:
+    """The column blocks that get their own kernel: all columns, or one per layer."""
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    if kernel == "full":
+        return [FeatureBlock("all", 0, num_features, "all")]
+    blocks = layer_blocks(layout)
+    if len(blocks) == 1 and blocks[0].layer == "dense":
+        raise ValueError("kernel='per_layer' needs features laid out by layer: use "
+                         "projection='per_layer' or 'factored', or raw gradients "
+                         "(proj_dim=None); a dense projection mixes every layer in every column")
+    return blocks
+
+
+def compute_kernels(phi: ArrayLike, blocks: Sequence[FeatureBlock], *, form: str = "auto",
+                    block_rows: int = DEFAULT_BLOCK_ROWS,
+                    device: Optional[Union[str, torch.device]] = None, where: str = ""
+                    ) -> List[Tuple[FeatureBlock, Kernel]]:
+    """``[(block, kernel of phi[:, block])]``, each checked by :func:`check_kernel`.
+
+    A layer whose features are all zero (its parameters do not affect the output) is left
+    out with a warning; if every block is zero, the error of :func:`check_kernel` is raised.
+    """
+    out = []
+    for block in blocks:
+        columns = phi[:, block.start:block.stop]
+        kernel = compute_kernel(columns, form=form, block_rows=block_rows, device=device)
+        if kernel.trace == 0 and len(blocks) > 1:
+            logger.warning("%slayer %s has all-zero features; it is left out of the scores",
+                           f"{where}: " if where else "", block.layer)
+            continue
+        out.append((block, check_kernel(kernel, where)))
+    if not out:
+        check_kernel(Kernel(torch.zeros(1, 1, dtype=torch.float64), "primal", 1), where)
+    return out

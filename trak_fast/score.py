@@ -130,6 +130,20 @@ def model_scores(phi: ArrayLike, targets: torch.Tensor, kernel: Kernel, *, lambd
     return out
 
 
+def block_scores(phi: ArrayLike, targets: torch.Tensor, kernels, *, out, **kwargs):
+    """``S = sum_l Phi_l (K_l + lambda_l I)^-1 T_l^T`` over ``kernels = [(block, K_l)]``
+    (:func:`trak_fast.kernel.compute_kernels`), each block damped relative to its own trace.
+
+    With one block covering every column this is :func:`model_scores`. Each block's term is
+    invariant to rescaling that block's features, so every layer counts by how well its own
+    geometry predicts, not by the size of its gradients. Accumulates into ``out``.
+    """
+    for block, kernel in kernels:
+        model_scores(phi[:, block.start:block.stop], targets[:, block.start:block.stop], kernel,
+                     out=out, **kwargs)
+    return out
+
+
 def _add(out: Union[torch.Tensor, np.ndarray], r0: int, r1: int, c0: int, c1: int,
          tile: torch.Tensor) -> None:
     tile = tile.detach().cpu()
