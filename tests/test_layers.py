@@ -162,3 +162,55 @@ def test_store_refuses_another_layout(data, tmp_path):
     renamed.add_module("third", nn.Linear(16, 10))
     with pytest.raises(StoreMismatchError, match="layout"):
         TRAK(tmp_path, renamed, train_size=N, proj_dim=96, projection="per_layer")
+
+
+def _direct_weighted(phi, t, w, lam_rel):
+    phi, t = phi.double(), t.double()
+    k = phi.T @ (w[:, None] * phi)
+    lam = lam_rel * torch.trace(k) / phi.shape[0]
+    return phi @ torch.linalg.solve(k + lam * torch.eye(k.shape[0], dtype=torch.float64), t.T)
+
+
+@pytest.mark.parametrize("proj_dim", [16, 64])               # primal (k < n) and dual (k > n)
+@pytest.mark.parametrize("kernel_weights", ["out_to_loss", "fisher"])
+def test_weighted_kernel_equals_direct_solve(data, proj_dim, kernel_weights, tmp_path):
+    x, y, xt, yt = data
+    model = deep_mlp()
+    checkpoints = [deep_mlp(s).state_dict() for s in range(2)]
+    train, targets = digits.batches(x, y, 16), digits.batches(xt, yt)
+    got = attribute(model, checkpoints, train, targets, proj_dim=proj_dim, lambda_reg=0.5,
+                    kernel_weights=kernel_weights, progress=False)
+    s_sum, q_sum = 0, 0
+    for model_id, sd in enumerate(checkpoints):
+        f = featurize(model, sd, train, proj_dim=proj_dim, model_id=model_id)
+        t = featurize(model, sd, targets, proj_dim=proj_dim, model_id=model_id, out_to_loss=False).phi
+        q = f.out_to_loss.double()
+        w = q if kernel_weights == "out_to_loss" else q * q
+        s_sum = s_sum + _direct_weighted(f.phi, t, w, 0.5)
+        q_sum = q_sum + q
+    expected = (s_sum / 2) * (q_sum / 2)[:, None]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-8)
+    trak = TRAK(tmp_path, model, train_size=N, proj_dim=proj_dim, progress=False)
+    for model_id, sd in enumerate(checkpoints):
+        trak.featurize(sd, train, model_id=model_id)
+    trak.finalize()
+    for model_id, sd in enumerate(checkpoints):
+        trak.featurize_targets("t", sd, targets, model_id=model_id)
+    stored = trak.score("t", lambda_reg=0.5, kernel_weights=kernel_weights)
+    torch.testing.assert_close(torch.from_numpy(stored.copy()).double(), expected,
+                               rtol=1e-4, atol=1e-8)
+
+
+def test_kernel_weights_errors(data):
+    x, y, xt, yt = data
+    model = deep_mlp()
+    args = (model, [model.state_dict()], digits.batches(x, y), digits.batches(xt, yt))
+    with pytest.raises(ValueError, match="kernel_weights must be one of"):
+        attribute(*args, proj_dim=8, kernel_weights="Q", progress=False)
+    with pytest.raises(ValueError, match="ensemble='trak'"):
+        attribute(*args, proj_dim=8, kernel_weights="fisher", ensemble="trak", progress=False)
+    xr = torch.randn(N, 3)
+    with pytest.raises(ValueError, match="needs Q >= 0"):
+        attribute(nn.Linear(3, 1), [nn.Linear(3, 1).state_dict()], [(xr, torch.randn(N))],
+                  [(xr[:2], torch.randn(2))], task="regression", proj_dim=None,
+                  kernel_weights="out_to_loss", progress=False)

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from .featurize import DEFAULT_GRAD_MEMORY, Batch, Device, featurize, model_device, num_grad_params
-from .kernel import compute_kernels, kernel_blocks
+from .kernel import compute_kernels, kernel_blocks, kernel_row_weights
 from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .tasks import Task, get_task
 
@@ -30,7 +30,8 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
               grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
               projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
-              kernel: str = "full", progress: bool = True) -> torch.Tensor:
+              kernel: str = "full", kernel_weights: str = "none",
+              progress: bool = True) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
     Args:
@@ -60,6 +61,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         kernel: ``"full"`` (one kernel over all features) or ``"per_layer"`` (its block
             diagonal by layer, each block damped relative to its own trace; needs a layout by
             layer: ``projection="per_layer"`` or ``"factored"``, or raw gradients).
+        kernel_weights: row weights of the kernel ``Phi^T W Phi``: ``"none"`` (TRAK's),
+            ``"out_to_loss"`` (``W = Q``) or ``"fisher"`` (``W = Q^2``, the empirical Fisher
+            of the loss; see :func:`trak_fast.kernel.kernel_row_weights`).
         progress: show tqdm progress bars.
 
     Raises:
@@ -77,9 +81,11 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
-    if ensemble == "trak" and (projection != "dense" or kernel != "full"):
+    if ensemble == "trak" and (projection != "dense" or kernel != "full" or kernel_weights != "none"):
         raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; it "
-                         f"cannot be combined with projection={projection!r}, kernel={kernel!r}")
+                         f"cannot be combined with projection={projection!r}, kernel={kernel!r}, "
+                         f"kernel_weights={kernel_weights!r}")
+    kernel_row_weights(kernel_weights, torch.ones(1))            # validates kernel_weights
     settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
                     device=device, grad_memory=grad_memory, gradients=gradients,
                     projection=projection, factored_dims=factored_dims, progress=progress)
@@ -108,7 +114,8 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         compute_device = model_device(model) if device is None else torch.device(device)
         blocks = kernel_blocks(features.layout, phi.shape[1], kernel)
         kernels = compute_kernels(phi, blocks, form="primal" if ensemble == "trak" else "auto",
-                                  device=compute_device, where=f"checkpoint {model_id}")
+                                  device=compute_device, where=f"checkpoint {model_id}",
+                                  weights=kernel_row_weights(kernel_weights, q))
         block_scores(phi, phi_targets, kernels, lambda_reg=lambda_reg,
                      relative_lambda=relative_lambda, feature_scale=scale,
                      normalize_inverse=ensemble == "trak", out=score_sum, device=compute_device,

@@ -36,7 +36,8 @@ from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, FeatureS
                         _check_grad_memory,
                         _check_proj_dim, _check_same_shapes,
                         _loader_length, featurize, grad_param_names, model_device)
-from .kernel import Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix
+from .kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
+                     kernel_row_weights)
 from .layout import FeatureBlock, layout_to_json
 from .projection import _MAX_SEED, _check_int, _check_kind
 from .score import block_scores, damping, finish_ensemble, trak_feature_scale
@@ -329,11 +330,14 @@ class TRAK:
 
     def score(self, name: str, *, model_ids: Optional[Sequence[int]] = None,
               lambda_reg: Optional[float] = None, relative_lambda: Optional[bool] = None,
-              ensemble: str = "mean", kernel: str = "full", overwrite: bool = False) -> np.ndarray:
+              ensemble: str = "mean", kernel: str = "full", kernel_weights: str = "none",
+              overwrite: bool = False) -> np.ndarray:
         """The ensemble's scores ``[n, t]`` for experiment ``name``, saved to the store.
 
         ``tau = mean_m(S_m) * mean_m(Q_m)`` over ``model_ids`` (default: every checkpoint with
-        target features for ``name``); damping and ``ensemble`` as in :func:`trak_fast.attribute`.
+        target features for ``name``); damping, ``ensemble``, ``kernel`` and ``kernel_weights`` as
+        in :func:`trak_fast.attribute` (``kernel="per_layer"`` needs ``finalize(kernel=
+        "per_layer")``; weighted kernels are computed from the stored features on the fly).
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
         name = check_name(name)
@@ -341,8 +345,10 @@ class TRAK:
         if experiment is None:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
         lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
-        kernel_blocks(self.layout, self.num_features, kernel)        # validates kernel
-        if ensemble == "trak" and (self.projection != "dense" or kernel != "full"):
+        blocks = kernel_blocks(self.layout, self.num_features, kernel)        # validates kernel
+        kernel_row_weights(kernel_weights, torch.ones(1))                     # and the weights
+        if ensemble == "trak" and (self.projection != "dense" or kernel != "full"
+                                   or kernel_weights != "none"):
             raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection and "
                              f"full kernel; got projection={self.projection!r}, kernel={kernel!r}")
         ids = [int(i) for i in experiment["targets"]] if model_ids is None else \
@@ -365,9 +371,15 @@ class TRAK:
                 targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
                 scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
                     if ensemble == "trak" else 1.0
-                kernels = self._layer_kernels(model_id) if kernel == "per_layer" else \
-                    [(FeatureBlock("all", 0, self.num_features, "all"),
-                      self._kernel(model_id, primal=ensemble == "trak"))]
+                if kernel_weights != "none":
+                    # Weighted kernels are not stored: one pass over the features computes them.
+                    kernels = compute_kernels(
+                        features, blocks, device=self.device, where=f"model_id {model_id}",
+                        weights=kernel_row_weights(kernel_weights, out_to_loss))
+                elif kernel == "per_layer":
+                    kernels = self._layer_kernels(model_id)
+                else:
+                    kernels = [(blocks[0], self._kernel(model_id, primal=ensemble == "trak"))]
                 block_scores(features, targets, kernels,
                              lambda_reg=lambda_reg, relative_lambda=relative_lambda,
                              feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
@@ -385,6 +397,7 @@ class TRAK:
                 # Under the lock, so scores.npy and its metadata entry change together.
                 os.replace(tmp, folder / "scores.npy")
                 current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg, "kernel": kernel,
+                                     "kernel_weights": kernel_weights,
                                      "relative_lambda": relative_lambda, "model_ids": ids}
             self.store.update(record)
         finally:
