@@ -176,7 +176,9 @@ def kernel_row_weights(kernel_weights: str, out_to_loss: Optional[torch.Tensor]
     if out_to_loss is None:
         raise ValueError(f"kernel_weights={kernel_weights!r} needs the train examples' "
                          "out-to-loss weights Q")
-    q = torch.from_numpy(np.array(out_to_loss, dtype=np.float64)).reshape(-1)
+    q = out_to_loss.detach().cpu().double() if isinstance(out_to_loss, torch.Tensor) else \
+        torch.from_numpy(np.array(out_to_loss, dtype=np.float64))
+    q = q.reshape(-1)
     if (q < 0).any():
         raise ValueError(f"kernel_weights={kernel_weights!r} needs Q >= 0 (classification's "
                          "1 - p); this task's Q has negative values (use 'none')")
