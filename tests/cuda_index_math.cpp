@@ -12,12 +12,15 @@
 //     vec_loads_ok says they may be used;
 //   * the flush: the staging buffer is read exactly once per slot; every output element (and
 //     every partial-sum slot) is written exactly once per flush, nothing outside [B, k], for
-//     both the float4 and the checked path.
+//     both the float4 and the checked path;
+//   * the Rademacher R slice: every entry of the [kBlockK, BN] slice written exactly once per
+//     step, with the bit pattern of the definition's value (rademacher_entry).
 // Prints "ok <configs checked>" and exits 0, or prints the first failure and exits 1.
 //
-// Built with -DINJECT_FAULT=1 or 2, the walker replays a deliberately wrong kernel (an
-// off-by-one in the full-slice predicate; a flush lane mapping shifted by one column), which
-// the test expects it to reject: the checks can fail.
+// Built with -DINJECT_FAULT=1, 2 or 3, the walker replays a deliberately wrong kernel (1: an
+// off-by-one in the full-slice predicate; 2: a flush lane mapping shifted by one column; 3: R
+// signs taken from the wrong word of the Philox call), which the test expects it to reject: the checks
+// can fail.
 #ifndef INJECT_FAULT
 #define INJECT_FAULT 0
 #endif
@@ -38,6 +41,7 @@ struct Config {
   bool simt;
   int warps_m;
   int frags_m;
+  int operand_bytes;  // 4: float operands (fp32, tf32), 2: bf16
   // derived as in project_fast.cu's Tile
   int warps_n() const { return kWarps / warps_m; }
   int warp_rows() const { return simt ? 8 : 16 * frags_m; }
@@ -47,8 +51,8 @@ struct Config {
 };
 
 const Config kConfigs[] = {
-    {"SimtFp32", true, 8, 1}, {"Tf32Large", false, 4, 2}, {"Tf32Small", false, 2, 2},
-    {"Bf16Large", false, 2, 4}, {"Bf16Small", false, 1, 4},
+    {"SimtFp32", true, 8, 1, 4}, {"Tf32Large", false, 4, 2, 4}, {"Tf32Small", false, 2, 2, 4},
+    {"Bf16Large", false, 2, 4, 2}, {"Bf16Small", false, 1, 4, 2},
 };
 
 [[noreturn]] void fail(const std::string& what) {
@@ -177,6 +181,43 @@ void check_config(const Config& cfg, int64_t batch, int64_t k, int64_t width, in
     CHECK(out_writes[e] == 1, "%s: output slot %zu written %d times", cfg.name, e, out_writes[e]);
 }
 
+// The Rademacher slice of one step as generate_r writes it (rows row_base + kk, columns
+// col0 + c), decoded from the bit patterns and compared with the definition.
+void check_rademacher_slice(const Config& cfg, uint64_t seed, uint64_t row_base, int64_t col0) {
+  const int bn = cfg.bn();
+  std::vector<uint8_t> written(static_cast<size_t>(kBlockK * bn), 0);
+  for (int tid = 0; tid < kThreads; ++tid) {
+    for (int item = tid; item < kBlockK * (bn / 32); item += kThreads) {
+      const RadWord rw = rad_word(item, bn);
+      CHECK(rw.kk < kBlockK && 32 * rw.w + 32 <= bn, "%s: R word outside the slice", cfg.name);
+      const trak_fast::Philox4 bits =
+          trak_fast::rademacher_bits(seed, row_base + rw.kk, col0 / 128 + rw.w / 4);
+      const uint32_t word = philox_word(bits, (rw.w + (INJECT_FAULT == 3 ? 1 : 0)) & 3);
+      for (int t = 0; t < 32; ++t) {
+        const int c = 32 * rw.w + t;
+        written[rw.kk * bn + c]++;
+        // store_signs: bf16 pairs from bf16_sign_pair(word >> 2m), floats from f32_sign(word >> t)
+        float value;
+        if (cfg.operand_bytes == 4) {
+          const uint32_t b = f32_sign(word >> t);
+          CHECK(b == 0x3F800000u || b == 0xBF800000u, "not a float +-1");
+          value = b == 0x3F800000u ? 1.0f : -1.0f;
+        } else {
+          const uint32_t pair = bf16_sign_pair(word >> (t & ~1));
+          const uint32_t b = (t & 1) ? pair >> 16 : pair & 0xFFFFu;
+          CHECK(b == 0x3F80u || b == 0xBF80u, "not a bf16 +-1");
+          value = b == 0x3F80u ? 1.0f : -1.0f;
+        }
+        const float expect = trak_fast::rademacher_entry(seed, row_base + rw.kk, col0 + c);
+        CHECK(value == expect, "%s: R[%llu, %lld] is %g, the definition says %g", cfg.name,
+              (unsigned long long)(row_base + rw.kk), (long long)(col0 + c), value, expect);
+      }
+    }
+  }
+  for (size_t e = 0; e < written.size(); ++e)
+    CHECK(written[e] == 1, "%s: R slice entry %zu written %d times", cfg.name, e, written[e]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -191,6 +232,15 @@ int main(int argc, char** argv) {
       for (bool vec : {false, true}) {
         check_config(cfg, batch, k, width, elem_bytes, vec);
         ++checked;
+      }
+    }
+  }
+  // The Rademacher slice of a few steps and column tiles (rows past 2^32 included).
+  for (const Config& cfg : kConfigs) {
+    for (uint64_t row_base : {uint64_t(0), uint64_t(width), (uint64_t(1) << 32) - 16}) {
+      for (int64_t tile = 0; tile < 3; ++tile) {
+        check_rademacher_slice(cfg, 0x9E3779B97F4A7C15ull ^ uint64_t(batch * 131 + k), row_base,
+                               tile * cfg.bn());
       }
     }
   }

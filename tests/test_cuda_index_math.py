@@ -7,7 +7,8 @@ every thread of every block for one shape, over all 5 tile configurations and bo
 partial-sum slot) written exactly once per flush and nothing outside [B, k]; every gradient
 element read exactly once per column tile and nothing outside g or its block's split; every
 16-byte vector aligned; every shared-memory slot of the g slice and the staging buffer filled
-exactly once. The shapes are ragged on purpose: B = 1, B one past a tile (65, 129), k one past a
+exactly once; each entry of the Rademacher slice of R given the bit pattern of the definition's
+value. The shapes are ragged on purpose: B = 1, B one past a tile (65, 129), k one past a
 Philox block (4099), widths with a partial last step and several feature splits.
 """
 from __future__ import annotations
@@ -54,10 +55,12 @@ def test_index_math_covers_every_element_once(walker, batch, k, width):
 @pytest.mark.parametrize("fault,shape,expect", [
     (1, ("127", "300", "3000"), "outside"),       # B = 2 * 64 - 1: the wrong predicate reads row 127
     (2, ("130", "301", "3000"), "output slot"),   # a column written twice, another never
+    (3, ("7", "100", "1000"), "the definition says"),  # signs from the wrong Philox word
 ])
 def test_index_math_walker_rejects_a_broken_kernel(walker, tmp_path, fault, shape, expect):
     """The walker is not vacuous: replaying a kernel with an off-by-one in the full-slice
-    predicate (1) or in the flush's lane mapping (2), it fails with the matching message."""
+    predicate (1), in the flush's lane mapping (2) or signs from the wrong Philox word (3), it
+    fails with the matching message."""
     exe = str(tmp_path / f"faulty{fault}")
     subprocess.run([COMPILER, "-std=c++17", "-O2", f"-DINJECT_FAULT={fault}",
                     "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", os.path.join(ROOT, "csrc", "include"),

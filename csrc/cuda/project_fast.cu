@@ -290,10 +290,9 @@ struct GLoader {
 };
 
 // ---- generating a [kBlockK, BN] slice of R -------------------------------------------------
-__device__ __forceinline__ uint32_t philox_word(const Philox4& r, int w) {
-  // Select without a run-time index into r.w (which could put it in local memory).
-  return (w & 2) ? ((w & 1) ? r.w[3] : r.w[2]) : ((w & 1) ? r.w[1] : r.w[0]);
-}
+using fast_index::bf16_sign_pair;
+using fast_index::f32_sign;
+using fast_index::philox_word;
 
 // Writes the 32 entries +-1 given by the bits of `word` (bit t set: entry t is -1).
 // dst is 16-byte aligned.
@@ -301,16 +300,12 @@ __device__ __forceinline__ void store_signs(float* dst, uint32_t word) {
 #pragma unroll
   for (int t = 0; t < 32; t += 4) {
     uint4 v;
-    v.x = 0x3F800000u | (((word >> t) & 1u) << 31);
-    v.y = 0x3F800000u | (((word >> (t + 1)) & 1u) << 31);
-    v.z = 0x3F800000u | (((word >> (t + 2)) & 1u) << 31);
-    v.w = 0x3F800000u | (((word >> (t + 3)) & 1u) << 31);
+    v.x = f32_sign(word >> t);
+    v.y = f32_sign(word >> (t + 1));
+    v.z = f32_sign(word >> (t + 2));
+    v.w = f32_sign(word >> (t + 3));
     *reinterpret_cast<uint4*>(dst + t) = v;
   }
-}
-__device__ __forceinline__ uint32_t bf16_sign_pair(uint32_t x) {
-  // bf16 +1 is 0x3F80; bit 0 of x is the sign of the low half, bit 1 of the high half.
-  return 0x3F803F80u | ((x & 1u) << 15) | ((x & 2u) << 30);
 }
 __device__ __forceinline__ void store_signs(__nv_bfloat16* dst, uint32_t word) {
 #pragma unroll
@@ -350,10 +345,9 @@ __device__ __forceinline__ void generate_r(typename Cfg::T* rs, const Params<TIn
     constexpr int kWordsPerRow = Cfg::BN / 32;
     const uint64_t block_base = static_cast<uint64_t>(col0) / kRademacherBlockCols;
     for (int item = threadIdx.x; item < kBlockK * kWordsPerRow; item += kThreads) {
-      const int kk = item / kWordsPerRow;
-      const int w = item % kWordsPerRow;
-      const Philox4 bits = rademacher_bits(p.seed, row_base + kk, block_base + w / 4);
-      store_signs(rs + kk * Cfg::kRPitch + 32 * w, philox_word(bits, w & 3));
+      const fast_index::RadWord rw = fast_index::rad_word(item, Cfg::BN);
+      const Philox4 bits = rademacher_bits(p.seed, row_base + rw.kk, block_base + rw.w / 4);
+      store_signs(rs + rw.kk * Cfg::kRPitch + 32 * rw.w, philox_word(bits, rw.w & 3));
     }
   }
 }

@@ -106,5 +106,26 @@ TF_HD bool out_run_full(int64_t row, int64_t col, int cols, int64_t batch, int64
   return row < batch && col + cols <= k;
 }
 
+// ---- generating a [kBlockK, BN] slice of Rademacher R -----------------------------------------
+// Item i (threads t, t + 256, ...) is one 32-bit word of a Philox call: slice row i / (BN / 32),
+// columns 32 w .. 32 w + 31 with w = i % (BN / 32); column col0 + 32 w + t (col0 a multiple of
+// 128) is bit t of word w % 4 of Philox block col0 / 128 + w / 4. The four words of one call go
+// to four neighbouring threads, which each recompute the call.
+struct RadWord {
+  int kk;  // slice row
+  int w;   // word within the slice row
+};
+TF_HD RadWord rad_word(int item, int bn) { return {item / (bn / 32), item % (bn / 32)}; }
+TF_HD uint32_t philox_word(const Philox4& r, int w) {
+  // Select without a run-time index into r.w (which could put it in local memory).
+  return (w & 2) ? ((w & 1) ? r.w[3] : r.w[2]) : ((w & 1) ? r.w[1] : r.w[0]);
+}
+// Bit patterns of entries t .. t + 1 (bf16 pair: bit 0 of x -> low half, bit 1 -> high half)
+// and of entry t (float): +1 is 0x3F80 / 0x3F800000, -1 adds the sign bit.
+TF_HD uint32_t bf16_sign_pair(uint32_t x) {
+  return 0x3F803F80u | ((x & 1u) << 15) | ((x & 2u) << 30);
+}
+TF_HD uint32_t f32_sign(uint32_t x) { return 0x3F800000u | ((x & 1u) << 31); }
+
 }  // namespace fast_index
 }  // namespace trak_fast
