@@ -178,7 +178,7 @@ def test_one_hot_rows_equal_scaled_matrix_rows_exactly(strategy, precision, kind
     twice, missed or misplaced changes the bits)."""
     rows = torch.randint(0, n, (batch,), generator=torch.Generator().manual_seed(batch + n))
     g = torch.zeros(batch, n, device="cuda")
-    g[torch.arange(batch), rows.cuda()] = 1.0
+    g[torch.arange(batch, device="cuda"), rows.cuda()] = 1.0
     scale = 0.37
     out = trak_fast.project(g, k, seed=7, kind=kind, scale=scale, precision=precision)
     r = trak_fast.projection_matrix(n, k, seed=7, kind=kind, scale=scale, device="cuda")

@@ -39,6 +39,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -46,6 +47,14 @@
 #include "../project.h"
 #include "project_fast.cuh"
 #include "trak_fast/random_matrix.h"
+
+// mm with a float32 out_dtype for bf16 operands (aten::mm.dtype_out) is in torch >= 2.9 (it
+// came with 2.8); with an older torch this strategy declines and the fused kernel runs.
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9)
+#define TRAK_FAST_HAS_MM_DTYPE 1
+#else
+#define TRAK_FAST_HAS_MM_DTYPE 0
+#endif
 
 namespace trak_fast {
 namespace {
@@ -175,7 +184,9 @@ void gemm_columns(const at::Tensor& acc, const at::Tensor& g, uint64_t seed, int
     // bf16 x bf16 -> float32 (float32 accumulation), then acc += scale * partial, rounded to
     // nearest. (addmm with a float32 `self` and bf16 operands is not accepted by every torch
     // release; the separate add costs one read and write of [B, cols] floats per chunk.)
+#if TRAK_FAST_HAS_MM_DTYPE
     at::mm_out(partial, g_c, p_c, at::kFloat);
+#endif
     acc_cols.add_(partial, scale);
     C10_CUDA_CHECK(cudaEventRecord(gemm_done[b].e, main.stream()));
   }
@@ -187,8 +198,8 @@ int64_t gemm_workspace_cols(int64_t k) { return std::min(k, kMaxCols); }
 
 bool project_add_cuda_gemm(const at::Tensor& acc, const at::Tensor& g, uint64_t seed,
                            int64_t kind, int64_t offset, double scale, int64_t precision) {
-  if (precision != kBf16 || acc.scalar_type() != at::kFloat || !acc.is_contiguous() ||
-      acc.dim() != 2 || g.dim() != 2) {
+  if (!TRAK_FAST_HAS_MM_DTYPE || precision != kBf16 || acc.scalar_type() != at::kFloat ||
+      !acc.is_contiguous() || acc.dim() != 2 || g.dim() != 2) {
     return false;
   }
   const at::ScalarType in = g.scalar_type();
