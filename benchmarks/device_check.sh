@@ -86,8 +86,11 @@ for strategy in ("fused", "gemm"):
         for kind in ("rademacher", "gaussian"):
             for B, k, n in shapes:
                 base = torch.randn(B, 2 * n + 1, device="cuda")
-                for g in (base[:, :n].contiguous(), base[:, ::2][:, :n], base[:, 1:n + 1].half(),
-                          base[:, :n].bfloat16()):
+                half, bf16 = base.half(), base.bfloat16()
+                # fp32 16-byte and strided loads; fp16/bf16 16-byte loads, a misaligned fp16
+                # base and strided bf16 (the scalar loader)
+                for g in (base[:, :n].contiguous(), base[:, ::2][:, :n], half[:, :n].contiguous(),
+                          half[:, 1:n + 1], bf16[:, :n].contiguous(), bf16[:, ::2][:, :n]):
                     trak_fast.project(g, k, kind=kind, precision=precision)
                 buf = torch.zeros(B * k + 1, device="cuda")
                 out = buf[1:].view(B, k)  # misaligned by 4 bytes: the checked flush path
