@@ -52,4 +52,4 @@ def test_peak_memory_stays_within_grad_memory(gradients):
     allowed = measured["plain_mb"] + 1.1 * budget / 2**20 + 48      # + interpreter noise
     assert measured["featurize_mb"] <= allowed, measured
     # And the budget is really used (the bound is not met by doing the work row by row).
-    assert measured["featurize_mb"] >= 0.5 * budget / 2**20, measured
+    assert measured["featurize_mb"] >= 0.25 * budget / 2**20, measured

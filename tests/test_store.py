@@ -389,7 +389,7 @@ def test_temp_files_of_dead_processes_are_removed_on_open(setup, tmp_path, monke
     # An exception (or Ctrl-C) inside score removes its own temporary file.
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("trak_fast.trak.model_scores", fail)
+    monkeypatch.setattr("trak_fast.trak.block_scores", fail)
     with pytest.raises(KeyboardInterrupt):
         trak.score("val")
     monkeypatch.undo()

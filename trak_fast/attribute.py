@@ -17,12 +17,12 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import checks
-from .fingerprint import Ledger
 from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, FeatureSpec, _check_grad_memory,
                         featurize, num_grad_params)
+from .fingerprint import Ledger
 from .projection import _MAX_SEED, _check_int, _check_kind
-from .kernel import check_kernel, compute_kernel
-from .score import damping, finish_ensemble, model_scores, trak_feature_scale
+from .kernel import compute_kernels, kernel_blocks, kernel_row_weights
+from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .tasks import Task, get_task
 
 
@@ -34,6 +34,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
               grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
               projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
+              kernel: str = "full", kernel_weights: str = "none",
               progress: bool = True) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
@@ -62,7 +63,14 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         gradients: ``"auto"`` (module hooks for Linear/Conv2d/Conv1D layers when the task has
             batched ``outputs``, vmap for the rest), ``"hooks"`` or ``"vmap"``.
         projection: ``"dense"`` or ``"factored"`` (per-layer ``vec(P_out^T G P_in)``,
-            ``factored_dims = (k_out, k_in)``, default 16 x 16; ``proj_dim`` is then unused).
+            ``factored_dims = (k_out, k_in)``, default 16 x 16; ``proj_dim`` is then unused), or
+            ``"per_layer"`` (``proj_dim`` split over the layers, one matrix each).
+        kernel: ``"full"`` (one kernel over all features) or ``"per_layer"`` (its block
+            diagonal by layer, each block damped relative to its own trace; needs a layout by
+            layer: ``projection="per_layer"`` or ``"factored"``, or raw gradients).
+        kernel_weights: row weights of the kernel ``Phi^T W Phi``: ``"none"`` (TRAK's),
+            ``"out_to_loss"`` (``W = Q``) or ``"fisher"`` (``W = Q^2``, the empirical Fisher
+            of the loss; see :func:`trak_fast.kernel.kernel_row_weights`).
         progress: show tqdm progress bars.
 
     Raises:
@@ -80,9 +88,11 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
-    if ensemble == "trak" and projection != "dense":
+    if ensemble == "trak" and (projection != "dense" or kernel != "full" or kernel_weights != "none"):
         raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; it "
-                         f"cannot be combined with projection={projection!r}")
+                         f"cannot be combined with projection={projection!r}, kernel={kernel!r}, "
+                         f"kernel_weights={kernel_weights!r}")
+    kernel_row_weights(kernel_weights, torch.ones(1))            # validates kernel_weights
     # Everything cheap is checked before the first gradient (see trak_fast.checks).
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -112,8 +122,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     for model_id, checkpoint in enumerate(checkpoints):
         ledgers = {what: Ledger(what, seen[what], against=f"the {what} examples checkpoint 0 saw")
                    for what in seen}
-        phi, q = featurize(model, checkpoint, train, model_id=model_id, what="train",
-                           before_batch=ledgers["train"], **settings)
+        features = featurize(model, checkpoint, train, model_id=model_id, what="train",
+                             before_batch=ledgers["train"], **settings)
+        phi, q = features
         phi_targets = featurize(model, checkpoint, targets, model_id=model_id, what="targets",
                                 out_to_loss=False, before_batch=ledgers["targets"], **settings).phi
         if model_id == 0:
@@ -132,9 +143,11 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         if ensemble == "trak":
             num_params = phi.shape[1] if proj_dim is None else num_grad_params(model, grad_wrt)
             scale = trak_feature_scale(proj_dim, num_params)
-        kernel = check_kernel(compute_kernel(phi, form="primal" if ensemble == "trak" else "auto",
-                                             device=compute_device), f"checkpoint {model_id}")
-        model_scores(phi, phi_targets, kernel, lambda_reg=lambda_reg,
+        blocks = kernel_blocks(features.layout, phi.shape[1], kernel)
+        kernels = compute_kernels(phi, blocks, form="primal" if ensemble == "trak" else "auto",
+                                  device=compute_device, where=f"checkpoint {model_id}",
+                                  weights=kernel_row_weights(kernel_weights, q))
+        block_scores(phi, phi_targets, kernels, lambda_reg=lambda_reg,
                      relative_lambda=relative_lambda, feature_scale=scale,
                      normalize_inverse=ensemble == "trak", out=score_sum, device=compute_device,
                      progress=False)

@@ -32,7 +32,8 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from .gradients import PROJECTIONS, GradientPlan, TrackedModule, check_choice, plan_gradients
-from .gradients.factored import FactoredMatrices, FeatureBlock, check_factored_dims, factored_layout
+from .gradients.factored import FactoredMatrices, check_factored_dims, factored_layout, name_seed
+from .layout import FeatureBlock, layer_blocks, layer_of, parameter_layout, per_layer_dims
 from .gradients.hooks import LayerTap, backward_through_taps, tapped
 from .gradients.vmap import parameter_groups, per_example_grads, slice_batch
 from .projection import _check_kind, model_seed, project
@@ -47,11 +48,24 @@ DEFAULT_GRAD_MEMORY = 1 << 30
 DEFAULT_FACTORED_DIMS = (16, 16)
 
 
-class Features(NamedTuple):
-    """One checkpoint's train features: ``phi [n, k]`` and out-to-loss weights ``out_to_loss [n]``."""
+class Features:
+    """One checkpoint's train features: ``phi [n, k]``, out-to-loss weights ``out_to_loss [n]``
+    (``None`` when not requested) and ``layout``, the :class:`~trak_fast.layout.FeatureBlock`
+    of each group of columns. Unpacks as ``phi, out_to_loss = features``."""
 
-    phi: torch.Tensor
-    out_to_loss: Optional[torch.Tensor]
+    __slots__ = ("phi", "out_to_loss", "layout")
+
+    def __init__(self, phi: torch.Tensor, out_to_loss: Optional[torch.Tensor],
+                 layout: Sequence[FeatureBlock] = ()):
+        self.phi, self.out_to_loss, self.layout = phi, out_to_loss, list(layout)
+
+    def __iter__(self):
+        return iter((self.phi, self.out_to_loss))
+
+    def __repr__(self) -> str:
+        return (f"Features(phi={tuple(self.phi.shape)}, out_to_loss="
+                f"{None if self.out_to_loss is None else tuple(self.out_to_loss.shape)}, "
+                f"{len(self.layout)} blocks)")
 
 
 def _check_proj_dim(proj_dim: Optional[int]) -> None:
@@ -147,15 +161,34 @@ class FeatureSpec:
             self.layout = factored_layout(self.grad_names, self.plan.roles, self.factored_dims)
         else:
             self.proj_dim = proj_dim
-            self.layout, column = [], 0
-            for name in self.grad_names:
-                self.layout.append(FeatureBlock(name, column, column + sizes[name]))
-                column += sizes[name]
+            self.layout = parameter_layout(self.grad_names, [sizes[n] for n in self.grad_names])
+        # Where each parameter starts: its first row of P (dense), of its layer's P_l
+        # (per_layer), or its first column (raw, factored).
         self.offsets = {block.name: block.start for block in self.layout}
         self.num_features = self.layout[-1].stop
-        if self.proj_dim is not None:
+        #: per_layer: layer -> (first column, last column + 1) of its block.
+        self.layer_columns: Dict[str, Tuple[int, int]] = {}
+        if projection == "per_layer":
+            if proj_dim is None:
+                raise ValueError("projection='per_layer' splits proj_dim over the layers; "
+                                 "got proj_dim=None (raw gradients are already per layer)")
+            layers = layer_blocks(self.layout)
+            dims = per_layer_dims({b.layer: b.stop - b.start for b in layers}, proj_dim)
+            if len(dims) != len(layers):
+                raise ValueError("projection='per_layer' needs each layer's parameters to be "
+                                 "consecutive in the model's parameter order")
+            self.offsets = {b.name: b.start - next(l.start for l in layers if l.layer == b.layer)
+                            for b in self.layout}
+            self.layout, column = [], 0
+            for block in layers:
+                k_l = dims[block.layer]
+                self.layout.append(FeatureBlock(block.layer, column, column + k_l, block.layer))
+                self.layer_columns[block.layer] = (column, column + k_l)
+                column += k_l
+            self.num_features = proj_dim
+        elif self.proj_dim is not None:
             self.num_features = self.proj_dim
-            self.layout = [FeatureBlock("dense", 0, self.proj_dim)]
+            self.layout = [FeatureBlock("dense", 0, self.proj_dim, "dense")]
 
 
 class Featurizer:
@@ -208,7 +241,7 @@ class Featurizer:
         self.plan, self.factored_dims = spec.plan, spec.factored_dims
         self.grad_names, self.num_grad_params = spec.grad_names, spec.num_grad_params
         self.proj_dim, self.num_features, self.layout = spec.proj_dim, spec.num_features, spec.layout
-        self.offsets = spec.offsets
+        self.offsets, self.layer_columns = spec.offsets, spec.layer_columns
         self.dtype = (torch.float64 if any(self.params[n].dtype == torch.float64
                                            for n in self.grad_names) else torch.float32)
         if projection == "factored":
@@ -235,6 +268,11 @@ class Featurizer:
             column = self.offsets[name]
             width = grad[0].numel()
             phi[start:stop, column:column + width] += grad.reshape(stop - start, width).to(phi.dtype)
+        elif self.layer_columns:
+            layer = layer_of(name)
+            c0, c1 = self.layer_columns[layer]
+            phi[start:stop, c0:c1] += project([grad], c1 - c0, seed=name_seed(self.seed, layer),
+                                              kind=self.kind, feature_offset=self.offsets[name])
         else:
             project([grad], self.proj_dim, seed=self.seed, kind=self.kind,
                     feature_offset=self.offsets[name], out=phi[start:stop])
@@ -255,7 +293,7 @@ class Featurizer:
                 stop = min(batch_size, start + rows)
                 part = batch if (start, stop) == (0, batch_size) else slice_batch(batch, start, stop)
                 grads = per_example_grads(self._model_fn, self.task, self.params, group_names, part)
-                if self.proj_dim is None:
+                if self.proj_dim is None or self.layer_columns:
                     for name in group_names:
                         self._emit(grads[name], name, phi, start, stop)
                     del grads
@@ -375,10 +413,10 @@ def resolve_factored_dims(projection: str, factored_dims: Optional[Sequence[int]
                           ) -> Optional[Tuple[int, int]]:
     """``factored_dims`` checked: required pair for ``"factored"``, absent for ``"dense"``."""
     check_choice("projection", projection, PROJECTIONS)
-    if projection == "dense":
+    if projection != "factored":
         if factored_dims is not None:
             raise ValueError("factored_dims is only used with projection='factored', got "
-                             f"factored_dims={factored_dims!r} with projection='dense'")
+                             f"factored_dims={factored_dims!r} with projection={projection!r}")
         return None
     return check_factored_dims(DEFAULT_FACTORED_DIMS if factored_dims is None else factored_dims)
 
@@ -473,7 +511,7 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     if not phis:
         raise ValueError(f"{what} yielded no batches: expected an iterable of batches "
                          "(a list or a DataLoader that can be iterated again for every checkpoint)")
-    return Features(torch.cat(phis), torch.cat(qs) if out_to_loss else None)
+    return Features(torch.cat(phis), torch.cat(qs) if out_to_loss else None, featurizer.layout)
 
 
 def target_features(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],

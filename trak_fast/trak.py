@@ -42,9 +42,11 @@ from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, FeatureS
                         _loader_length, featurize, grad_param_names)
 from . import checks
 from .fingerprint import Ledger, check_rows, example_hashes, signature
-from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
+from .kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
+                     kernel_row_weights)
+from .layout import FeatureBlock, layout_to_json
 from .projection import _MAX_SEED, _check_int, _check_kind
-from .score import damping, finish_ensemble, model_scores, trak_feature_scale
+from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .store import Store, check_name, save_array_atomic, temp_path
 from .tasks import Task, get_task
 
@@ -142,7 +144,9 @@ class TRAK:
             "num_grad_params": self.num_grad_params, "num_features": spec.num_features,
             "projection": projection,
             "factored_dims": None if spec.factored_dims is None else list(spec.factored_dims),
+            "layout": layout_to_json(spec.layout),
         }
+        self.layout = spec.layout
         self.store = Store(save_dir, settings)
         self.train_size = train_size
         self.num_features = settings["num_features"]
@@ -273,34 +277,46 @@ class TRAK:
             kept = " The rows written by this call are not kept." if written else ""
             raise ValueError(f"{exc}.{kept}") from None
 
-    def finalize(self, model_ids: Optional[Sequence[int]] = None) -> None:
+    def finalize(self, model_ids: Optional[Sequence[int]] = None, *, kernel: str = "full") -> None:
         """Computes and saves each checkpoint's kernel (``Phi^T Phi``, or ``Phi Phi^T`` if k > n).
 
-        ``model_ids=None``: every checkpoint in the store now, including those featurized by
-        other jobs since this object was created. Raises ValueError if a checkpoint's train
-        features are all zero (see :func:`trak_fast.kernel.check_kernel`).
+        ``kernel="per_layer"`` saves the block diagonal instead, one kernel per layer of the
+        feature layout (``model_<id>/kernel_layer_<i>.npy``); both kinds can be finalized and
+        :meth:`score` chooses. ``model_ids=None``: every checkpoint in the store now, including
+        those featurized by other jobs since this object was created. Raises ValueError if a
+        checkpoint's train features are all zero (see :func:`trak_fast.kernel.check_kernel`).
         """
+        blocks = kernel_blocks(self.layout, self.num_features, kernel)
         models = self.store.metadata["models"]
         ids = sorted(int(i) for i in models) if model_ids is None else \
             [_check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("no featurized checkpoints to finalize; call featurize() first")
         self._check_same_train_examples(ids)
+        field = "kernel" if kernel == "full" else "layer_kernels"
         for model_id in ids:
             entry = models.get(str(model_id))
             if entry is None or not entry["featurized"]:
                 raise ValueError(f"model_id {model_id} is not fully featurized; call "
                                  "featurize() for it (again, to resume) first")
-            if entry["kernel"] is not None:
+            if entry.get(field) is not None:
                 continue
             features, _ = self.store.read_train_arrays(model_id)
-            kernel = check_kernel(compute_kernel(features, device=self.device),
-                                  f"model_id {model_id}")
-            save_array_atomic(self.store.model_dir(model_id) / "kernel.npy",
-                              kernel.matrix.cpu().numpy())
+            kernels = compute_kernels(features, blocks, device=self.device,
+                                      where=f"model_id {model_id}")
+            folder = self.store.model_dir(model_id)
+            if kernel == "full":
+                save_array_atomic(folder / "kernel.npy", kernels[0][1].matrix.cpu().numpy())
+                value: Any = {"form": kernels[0][1].form}
+            else:
+                value = []
+                for i, (block, k) in enumerate(kernels):
+                    save_array_atomic(folder / f"kernel_layer_{i}.npy", k.matrix.cpu().numpy())
+                    value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
+                                  "form": k.form, "file": f"kernel_layer_{i}.npy"})
 
             def record(metadata: Dict[str, Any]) -> None:
-                metadata["models"][str(model_id)]["kernel"] = {"form": kernel.form}
+                metadata["models"][str(model_id)][field] = value
             self.store.update(record)
 
     def _reference_examples(self, exclude: Optional[int] = None
@@ -333,6 +349,16 @@ class TRAK:
                            first_row=0, against=f"those of model_id {reference_id}",
                            start_over="Featurize one of them again from scratch (delete its "
                            "model_<id> folder) with the loader of the other.")
+
+    def _layer_kernels(self, model_id: int) -> List[Any]:
+        entry = self.store.model_entry(model_id)
+        if entry is None or entry.get("layer_kernels") is None:
+            raise ValueError(f"model_id {model_id} has no per-layer kernels; call "
+                             "finalize(kernel='per_layer') first")
+        folder = self.store.model_dir(model_id)
+        return [(FeatureBlock(b["layer"], b["start"], b["stop"], b["layer"]),
+                 Kernel(torch.from_numpy(np.load(folder / b["file"])), b["form"], self.train_size))
+                for b in entry["layer_kernels"]]
 
     def _kernel(self, model_id: int, primal: bool) -> Kernel:
         entry = self.store.model_entry(model_id)
@@ -404,11 +430,14 @@ class TRAK:
 
     def score(self, name: str, *, model_ids: Optional[Sequence[int]] = None,
               lambda_reg: Optional[float] = None, relative_lambda: Optional[bool] = None,
-              ensemble: str = "mean", overwrite: bool = False) -> np.ndarray:
+              ensemble: str = "mean", kernel: str = "full", kernel_weights: str = "none",
+              overwrite: bool = False) -> np.ndarray:
         """The ensemble's scores ``[n, t]`` for experiment ``name``, saved to the store.
 
         ``tau = mean_m(S_m) * mean_m(Q_m)`` over ``model_ids`` (default: every checkpoint with
-        target features for ``name``); damping and ``ensemble`` as in :func:`trak_fast.attribute`.
+        target features for ``name``); damping, ``ensemble``, ``kernel`` and ``kernel_weights`` as
+        in :func:`trak_fast.attribute` (``kernel="per_layer"`` needs ``finalize(kernel=
+        "per_layer")``; weighted kernels are computed from the stored features on the fly).
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
         name = check_name(name)
@@ -416,9 +445,12 @@ class TRAK:
         if experiment is None:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
         lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
-        if ensemble == "trak" and self.projection != "dense":
-            raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; this "
-                             f"store uses projection={self.projection!r}")
+        blocks = kernel_blocks(self.layout, self.num_features, kernel)        # validates kernel
+        kernel_row_weights(kernel_weights, torch.ones(1))                     # and the weights
+        if ensemble == "trak" and (self.projection != "dense" or kernel != "full"
+                                   or kernel_weights != "none"):
+            raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection and "
+                             f"full kernel; got projection={self.projection!r}, kernel={kernel!r}")
         ids = [int(i) for i in experiment["targets"]] if model_ids is None else \
             [_check_model_id(i) for i in model_ids]
         missing = [i for i in ids if str(i) not in experiment["targets"]]
@@ -439,7 +471,16 @@ class TRAK:
                 targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
                 scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
                     if ensemble == "trak" else 1.0
-                model_scores(features, targets, self._kernel(model_id, primal=ensemble == "trak"),
+                if kernel_weights != "none":
+                    # Weighted kernels are not stored: one pass over the features computes them.
+                    kernels = compute_kernels(
+                        features, blocks, device=self.device, where=f"model_id {model_id}",
+                        weights=kernel_row_weights(kernel_weights, out_to_loss))
+                elif kernel == "per_layer":
+                    kernels = self._layer_kernels(model_id)
+                else:
+                    kernels = [(blocks[0], self._kernel(model_id, primal=ensemble == "trak"))]
+                block_scores(features, targets, kernels,
                              lambda_reg=lambda_reg, relative_lambda=relative_lambda,
                              feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
                              device=self.device, progress=self.progress)
@@ -455,7 +496,8 @@ class TRAK:
                                        "while it was being scored; call score() again")
                 # Under the lock, so scores.npy and its metadata entry change together.
                 os.replace(tmp, folder / "scores.npy")
-                current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg,
+                current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg, "kernel": kernel,
+                                     "kernel_weights": kernel_weights,
                                      "relative_lambda": relative_lambda, "model_ids": ids}
             self.store.update(record)
         finally:

@@ -19,7 +19,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .factored import FeatureBlock, check_factored_dims, factored_layout
+from ..layout import FeatureBlock
+from .factored import check_factored_dims, factored_layout
 from .hooks import Use, hookable_parameters, parameter_uses
 from .layers import LayerAdapter, adapter_for
 
@@ -28,7 +29,7 @@ logger = logging.getLogger("trak_fast")
 GRADIENTS = ("auto", "hooks", "vmap")
 #: Left-out parameter lists already logged (said once per process, not once per checkpoint).
 _REPORTED: set = set()
-PROJECTIONS = ("dense", "factored")
+PROJECTIONS = ("dense", "per_layer", "factored")
 
 
 class TrackedModule(NamedTuple):

@@ -26,19 +26,12 @@ block ``k_out`` values; :class:`FeatureBlock` records each block's name and colu
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..layout import FeatureBlock, parameter_layout
 from ..projection import model_seed, projection_matrix
-
-
-class FeatureBlock(NamedTuple):
-    """Columns ``start:stop`` of the features belong to parameter ``name``."""
-
-    name: str
-    start: int
-    stop: int
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -76,9 +69,4 @@ def factored_layout(names: Sequence[str], roles: Dict[str, str],
                     factored_dims: Tuple[int, int]) -> List[FeatureBlock]:
     """The feature blocks of ``names`` (parameter order), ``roles[name]`` "weight" or "bias"."""
     k_out, k_in = factored_dims
-    blocks, column = [], 0
-    for name in names:
-        width = k_out * k_in if roles[name] == "weight" else k_out
-        blocks.append(FeatureBlock(name, column, column + width))
-        column += width
-    return blocks
+    return parameter_layout(names, [k_out * k_in if roles[n] == "weight" else k_out for n in names])
