@@ -85,7 +85,7 @@ def test_block_kernel_equals_direct_solve(data, settings):
     checkpoints = [deep_mlp(s).state_dict() for s in range(2)]
     train, targets = digits.batches(x, y, 16), digits.batches(xt, yt)
     got = attribute(model, checkpoints, train, targets, kernel="per_layer", lambda_reg=2.0,
-                    progress=False, **settings)
+                    kernel_weights="none", progress=False, **settings)
     s_sum, q_sum = 0, 0
     for model_id, sd in enumerate(checkpoints):
         f = featurize(model, sd, train, model_id=model_id, **settings)
@@ -99,7 +99,7 @@ def test_block_kernel_equals_direct_solve(data, settings):
     expected = (s_sum / 2) * (q_sum / 2)[:, None]
     torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=1e-7)
     full = attribute(model, checkpoints, train, targets, kernel="full", lambda_reg=2.0,
-                     progress=False, **settings)
+                     kernel_weights="none", progress=False, **settings)
     assert not torch.allclose(full, got, rtol=1e-2), "per_layer must differ from the full kernel"
 
 
@@ -132,12 +132,12 @@ def test_store_layout_round_trip_and_per_layer_scores(data, tmp_path):
     trak.finalize(kernel="full")
     for model_id, sd in enumerate(checkpoints):
         trak.featurize_targets("t", sd, targets, model_id=model_id)
-    with pytest.raises(ValueError, match="no per-layer kernels; call finalize\\(kernel='per_layer'\\)"):
-        trak.score("t", kernel="per_layer")
+    on_the_fly = torch.from_numpy(trak.score("t", kernel="per_layer").copy())   # not finalized
     trak.finalize(kernel="per_layer")
-    files = sorted(p.name for p in (tmp_path / "model_0").glob("kernel_layer_*.npy"))
-    assert files == ["kernel_layer_0.npy", "kernel_layer_1.npy", "kernel_layer_2.npy"]
-    per_layer = torch.from_numpy(trak.score("t", kernel="per_layer").copy())
+    files = sorted(p.name for p in (tmp_path / "model_0").glob("kernel_per_layer_*.npy"))
+    assert files == [f"kernel_per_layer_out_to_loss_{i}.npy" for i in range(3)]
+    per_layer = torch.from_numpy(trak.score("t", kernel="per_layer", overwrite=True).copy())
+    torch.testing.assert_close(per_layer, on_the_fly)
     full = torch.from_numpy(trak.score("t", kernel="full", overwrite=True).copy())
     torch.testing.assert_close(per_layer, attribute(model, checkpoints, train, targets,
                                                     kernel="per_layer", progress=False, **settings),
@@ -193,10 +193,14 @@ def test_weighted_kernel_equals_direct_solve(data, proj_dim, kernel_weights, tmp
     trak = TRAK(tmp_path, model, train_size=N, proj_dim=proj_dim, progress=False)
     for model_id, sd in enumerate(checkpoints):
         trak.featurize(sd, train, model_id=model_id)
-    trak.finalize()
+    trak.finalize(kernel_weights="none")
     for model_id, sd in enumerate(checkpoints):
         trak.featurize_targets("t", sd, targets, model_id=model_id)
-    stored = trak.score("t", lambda_reg=0.5, kernel_weights=kernel_weights)
+    on_the_fly = trak.score("t", lambda_reg=0.5, kernel_weights=kernel_weights)   # not finalized
+    torch.testing.assert_close(torch.from_numpy(on_the_fly.copy()).double(), expected,
+                               rtol=1e-4, atol=1e-8)
+    trak.finalize(kernel_weights=kernel_weights)
+    stored = trak.score("t", lambda_reg=0.5, kernel_weights=kernel_weights, overwrite=True)
     torch.testing.assert_close(torch.from_numpy(stored.copy()).double(), expected,
                                rtol=1e-4, atol=1e-8)
 

@@ -18,29 +18,32 @@ SCRIPT = textwrap.dedent("""
                           nn.Linear(1000, 10))
     x, y = torch.randn(32, 1000), torch.randint(0, 10, (32,))
     def peak_mb():
-        # VmHWM: this process's own peak. ru_maxrss is not: Linux carries it over from the
-        # forking parent across exec, so under a large pytest process it never moves.
+        # VmHWM, this process's peak RSS (ru_maxrss would include the parent's peak, which
+        # Linux carries over across fork + exec).
         with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/self/status")
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:     # peak RSS := current RSS
+            f.write("5")
     # Warm up every code path on 2 examples (allocator pools, kernels, lazy imports).
     trak_fast.featurize(model, model.state_dict(), [(x[:2], y[:2])], proj_dim=16,
                         gradients=gradients, grad_memory=budget)
     model(x).sum().backward()
-    base = peak_mb()
     model.zero_grad(set_to_none=True)
+    reset_peak()
+    base = peak_mb()
     model(x).sum().backward()                        # the batch's own activations and .grad
     model.zero_grad(set_to_none=True)
     plain = peak_mb() - base
+    reset_peak()
+    base = peak_mb()
     trak_fast.featurize(model, model.state_dict(), [(x, y)], proj_dim=16, gradients=gradients,
                         grad_memory=budget)
     print(json.dumps({"plain_mb": plain, "featurize_mb": peak_mb() - base}))
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM in /proc/self/status is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
 @pytest.mark.parametrize("gradients", ["hooks", "vmap"])
 def test_peak_memory_stays_within_grad_memory(gradients):
     budget = 128 << 20      # 16 examples of one layer; all per-example gradients: 512 MB

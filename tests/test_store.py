@@ -282,7 +282,7 @@ def test_two_openers_featurizing_different_models_keep_both(setup, tmp_path):
     a.featurize(checkpoints[0], train, model_id=0)       # already featurized: a no-op
     assert _metadata(tmp_path) == before
     assert before["models"].keys() == {"0", "1"}
-    assert all(entry["kernel"] is not None for entry in before["models"].values())
+    assert all(entry["kernels"] for entry in before["models"].values())
     assert before["experiments"]["val"]["scores"]["model_ids"] == [0, 1]
     np.testing.assert_array_equal(a.load_scores("val"), scores)
 
@@ -366,11 +366,13 @@ def test_all_zero_train_features_raise_in_finalize_and_score(setup, tmp_path):
     with pytest.raises(ValueError, match="model_id 0: every train feature is zero: the task output "
                                          r"does not depend on the differentiated parameters \(check grad_wrt"):
         trak.finalize()
-    assert _metadata(tmp_path)["models"]["0"]["kernel"] is None
+    assert not _metadata(tmp_path)["models"]["0"]["kernels"]
 
-    # A zero kernel finalized by an older version is refused when scoring, too.
-    np.save(tmp_path / "model_0" / "kernel.npy", np.zeros((8, 8)))
-    trak.store.update(lambda metadata: metadata["models"]["0"].update(kernel={"form": "primal"}))
+    # A zero kernel on disk (written by other means) is refused when scoring, too.
+    np.save(tmp_path / "model_0" / "kernel_full_out_to_loss_0.npy", np.zeros((8, 8)))
+    trak.store.update(lambda metadata: metadata["models"]["0"]["kernels"].update(
+        {"full/out_to_loss": [{"layer": "all", "start": 0, "stop": 8, "form": "primal",
+                               "file": "kernel_full_out_to_loss_0.npy"}]}))
     trak.featurize_targets("val", model.state_dict(), digits.batches(xt, yt), model_id=0)
     with pytest.raises(ValueError, match="every train feature is zero"):
         trak.score("val")

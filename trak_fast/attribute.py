@@ -21,7 +21,7 @@ from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, FeatureSpec, _check_
                         featurize, num_grad_params)
 from .fingerprint import Ledger
 from .projection import _MAX_SEED, _check_int, _check_kind
-from .kernel import compute_kernels, kernel_blocks, kernel_row_weights
+from .kernel import compute_kernels, kernel_blocks, kernel_row_weights, resolve_kernel_weights
 from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .tasks import Task, get_task
 
@@ -34,7 +34,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
               grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
               projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
-              kernel: str = "full", kernel_weights: str = "none",
+              kernel: str = "full", kernel_weights: Optional[str] = None,
               progress: bool = True) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
@@ -70,7 +70,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             layer: ``projection="per_layer"`` or ``"factored"``, or raw gradients).
         kernel_weights: row weights of the kernel ``Phi^T W Phi``: ``"none"`` (TRAK's),
             ``"out_to_loss"`` (``W = Q``) or ``"fisher"`` (``W = Q^2``, the empirical Fisher
-            of the loss; see :func:`trak_fast.kernel.kernel_row_weights`).
+            of the loss; see :func:`trak_fast.kernel.kernel_row_weights`). Default ``None``:
+            ``DEFAULT_KERNEL_WEIGHTS = "out_to_loss"`` for ``ensemble="mean"``, ``"none"`` for
+            ``"trak"``.
         progress: show tqdm progress bars.
 
     Raises:
@@ -82,6 +84,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     """
     task = get_task(task)
     lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
+    kernel_weights = resolve_kernel_weights(kernel_weights, ensemble)
     if isinstance(checkpoints, Mapping) or not isinstance(checkpoints, Sequence):
         raise TypeError("checkpoints must be a list of state_dicts, got "
                         f"{type(checkpoints).__name__}")
@@ -92,7 +95,6 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection; it "
                          f"cannot be combined with projection={projection!r}, kernel={kernel!r}, "
                          f"kernel_weights={kernel_weights!r}")
-    kernel_row_weights(kernel_weights, torch.ones(1))            # validates kernel_weights
     # Everything cheap is checked before the first gradient (see trak_fast.checks).
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

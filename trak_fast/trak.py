@@ -43,7 +43,7 @@ from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, FeatureS
 from . import checks
 from .fingerprint import Ledger, check_rows, example_hashes, signature
 from .kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
-                     kernel_row_weights)
+                     kernel_row_weights, resolve_kernel_weights)
 from .layout import FeatureBlock, layout_to_json
 from .projection import _MAX_SEED, _check_int, _check_kind
 from .score import block_scores, damping, finish_ensemble, trak_feature_scale
@@ -196,7 +196,7 @@ class TRAK:
                     raise ValueError(f"model_id {model_id} was featurized with a different "
                                      "checkpoint; use a new model_id or a new save_dir")
                 if entry is None:
-                    entry = {"checkpoint": fingerprint, "featurized": False, "kernel": None}
+                    entry = {"checkpoint": fingerprint, "featurized": False, "kernels": {}}
                     metadata["models"][str(model_id)] = entry
                 return entry
 
@@ -277,15 +277,20 @@ class TRAK:
             kept = " The rows written by this call are not kept." if written else ""
             raise ValueError(f"{exc}.{kept}") from None
 
-    def finalize(self, model_ids: Optional[Sequence[int]] = None, *, kernel: str = "full") -> None:
-        """Computes and saves each checkpoint's kernel (``Phi^T Phi``, or ``Phi Phi^T`` if k > n).
+    def finalize(self, model_ids: Optional[Sequence[int]] = None, *, kernel: str = "full",
+                 kernel_weights: Optional[str] = None) -> None:
+        """Computes and saves each checkpoint's kernel (``Phi^T W Phi``, or the Gram matrix
+        ``Phi Phi^T`` if k > n, the weights then applied when solving).
 
         ``kernel="per_layer"`` saves the block diagonal instead, one kernel per layer of the
-        feature layout (``model_<id>/kernel_layer_<i>.npy``); both kinds can be finalized and
+        feature layout; ``kernel_weights`` as in :func:`trak_fast.attribute` (default
+        ``DEFAULT_KERNEL_WEIGHTS``). Each (kernel, kernel_weights) pair is saved separately
+        (``model_<id>/kernel_<kernel>_<weights>_<i>.npy``), so several can be finalized and
         :meth:`score` chooses. ``model_ids=None``: every checkpoint in the store now, including
         those featurized by other jobs since this object was created. Raises ValueError if a
         checkpoint's train features are all zero (see :func:`trak_fast.kernel.check_kernel`).
         """
+        kernel_weights = resolve_kernel_weights(kernel_weights, "mean")
         blocks = kernel_blocks(self.layout, self.num_features, kernel)
         models = self.store.metadata["models"]
         ids = sorted(int(i) for i in models) if model_ids is None else \
@@ -293,30 +298,28 @@ class TRAK:
         if not ids:
             raise ValueError("no featurized checkpoints to finalize; call featurize() first")
         self._check_same_train_examples(ids)
-        field = "kernel" if kernel == "full" else "layer_kernels"
+        key = f"{kernel}/{kernel_weights}"
         for model_id in ids:
             entry = models.get(str(model_id))
             if entry is None or not entry["featurized"]:
                 raise ValueError(f"model_id {model_id} is not fully featurized; call "
                                  "featurize() for it (again, to resume) first")
-            if entry.get(field) is not None:
+            if key in (entry.get("kernels") or {}):
                 continue
-            features, _ = self.store.read_train_arrays(model_id)
+            features, out_to_loss = self.store.read_train_arrays(model_id)
             kernels = compute_kernels(features, blocks, device=self.device,
-                                      where=f"model_id {model_id}")
+                                      where=f"model_id {model_id}",
+                                      weights=kernel_row_weights(kernel_weights, out_to_loss))
             folder = self.store.model_dir(model_id)
-            if kernel == "full":
-                save_array_atomic(folder / "kernel.npy", kernels[0][1].matrix.cpu().numpy())
-                value: Any = {"form": kernels[0][1].form}
-            else:
-                value = []
-                for i, (block, k) in enumerate(kernels):
-                    save_array_atomic(folder / f"kernel_layer_{i}.npy", k.matrix.cpu().numpy())
-                    value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
-                                  "form": k.form, "file": f"kernel_layer_{i}.npy"})
+            value = []
+            for i, (block, k) in enumerate(kernels):
+                name = f"kernel_{kernel}_{kernel_weights}_{i}.npy"
+                save_array_atomic(folder / name, k.matrix.cpu().numpy())
+                value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
+                              "form": k.form, "file": name})
 
             def record(metadata: Dict[str, Any]) -> None:
-                metadata["models"][str(model_id)][field] = value
+                metadata["models"][str(model_id)].setdefault("kernels", {})[key] = value
             self.store.update(record)
 
     def _reference_examples(self, exclude: Optional[int] = None
@@ -350,27 +353,36 @@ class TRAK:
                            start_over="Featurize one of them again from scratch (delete its "
                            "model_<id> folder) with the loader of the other.")
 
-    def _layer_kernels(self, model_id: int) -> List[Any]:
-        entry = self.store.model_entry(model_id)
-        if entry is None or entry.get("layer_kernels") is None:
-            raise ValueError(f"model_id {model_id} has no per-layer kernels; call "
-                             "finalize(kernel='per_layer') first")
-        folder = self.store.model_dir(model_id)
-        return [(FeatureBlock(b["layer"], b["start"], b["stop"], b["layer"]),
-                 Kernel(torch.from_numpy(np.load(folder / b["file"])), b["form"], self.train_size))
-                for b in entry["layer_kernels"]]
+    def _stored_kernels(self, model_id: int, kernel: str, kernel_weights: str,
+                        primal: bool = False) -> List[Any]:
+        """``[(block, Kernel)]`` saved by ``finalize(kernel=..., kernel_weights=...)``, or
+        computed from the stored features (one pass) when that pair was not finalized.
 
-    def _kernel(self, model_id: int, primal: bool) -> Kernel:
+        ``primal=True`` (trak's ensemble) recomputes a dual kernel in the primal form.
+        """
         entry = self.store.model_entry(model_id)
-        if entry is None or entry["kernel"] is None:
-            raise ValueError(f"model_id {model_id} has no kernel; call finalize() first")
-        features, _ = self.store.read_train_arrays(model_id)
-        if primal and entry["kernel"]["form"] != "primal":
-            kernel = Kernel(kernel_matrix(features, device=self.device), "primal", self.train_size)
-        else:
-            matrix = torch.from_numpy(np.load(self.store.model_dir(model_id) / "kernel.npy"))
-            kernel = Kernel(matrix, entry["kernel"]["form"], self.train_size)
-        return check_kernel(kernel, f"model_id {model_id}")    # also kernels stored before the check
+        stored = None if entry is None else (entry.get("kernels") or {}).get(f"{kernel}/{kernel_weights}")
+        features, out_to_loss = self.store.read_train_arrays(model_id)
+        weights = kernel_row_weights(kernel_weights, out_to_loss)
+        if stored is None:
+            logger.info("model_id %d: computing kernel=%r, kernel_weights=%r from the stored "
+                        "features (finalize(kernel=..., kernel_weights=...) would save it)",
+                        model_id, kernel, kernel_weights)
+            return compute_kernels(features, kernel_blocks(self.layout, self.num_features, kernel),
+                                   form="primal" if primal else "auto", device=self.device,
+                                   where=f"model_id {model_id}", weights=weights)
+        folder = self.store.model_dir(model_id)
+        out = []
+        for b in stored:
+            block = FeatureBlock(b["layer"], b["start"], b["stop"], b["layer"])
+            if primal and b["form"] != "primal":
+                matrix = kernel_matrix(features[:, b["start"]:b["stop"]], device=self.device)
+                k = Kernel(matrix, "primal", self.train_size)
+            else:
+                matrix = torch.from_numpy(np.load(folder / b["file"]))
+                k = Kernel(matrix, b["form"], self.train_size, weights)
+            out.append((block, check_kernel(k, f"model_id {model_id}")))
+        return out
 
     # ---- targets and scores -----------------------------------------------------------------
 
@@ -430,14 +442,15 @@ class TRAK:
 
     def score(self, name: str, *, model_ids: Optional[Sequence[int]] = None,
               lambda_reg: Optional[float] = None, relative_lambda: Optional[bool] = None,
-              ensemble: str = "mean", kernel: str = "full", kernel_weights: str = "none",
+              ensemble: str = "mean", kernel: str = "full", kernel_weights: Optional[str] = None,
               overwrite: bool = False) -> np.ndarray:
         """The ensemble's scores ``[n, t]`` for experiment ``name``, saved to the store.
 
         ``tau = mean_m(S_m) * mean_m(Q_m)`` over ``model_ids`` (default: every checkpoint with
         target features for ``name``); damping, ``ensemble``, ``kernel`` and ``kernel_weights`` as
-        in :func:`trak_fast.attribute` (``kernel="per_layer"`` needs ``finalize(kernel=
-        "per_layer")``; weighted kernels are computed from the stored features on the fly).
+        in :func:`trak_fast.attribute` (``ensemble="trak"`` uses ``kernel_weights="none"``). A
+        (kernel, kernel_weights) pair that was not finalized is computed from the stored
+        features, one pass over them per checkpoint.
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
         name = check_name(name)
@@ -445,8 +458,8 @@ class TRAK:
         if experiment is None:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
         lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
+        kernel_weights = resolve_kernel_weights(kernel_weights, ensemble)
         blocks = kernel_blocks(self.layout, self.num_features, kernel)        # validates kernel
-        kernel_row_weights(kernel_weights, torch.ones(1))                     # and the weights
         if ensemble == "trak" and (self.projection != "dense" or kernel != "full"
                                    or kernel_weights != "none"):
             raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection and "
@@ -471,15 +484,8 @@ class TRAK:
                 targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
                 scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
                     if ensemble == "trak" else 1.0
-                if kernel_weights != "none":
-                    # Weighted kernels are not stored: one pass over the features computes them.
-                    kernels = compute_kernels(
-                        features, blocks, device=self.device, where=f"model_id {model_id}",
-                        weights=kernel_row_weights(kernel_weights, out_to_loss))
-                elif kernel == "per_layer":
-                    kernels = self._layer_kernels(model_id)
-                else:
-                    kernels = [(blocks[0], self._kernel(model_id, primal=ensemble == "trak"))]
+                kernels = self._stored_kernels(model_id, kernel, kernel_weights,
+                                               primal=ensemble == "trak")
                 block_scores(features, targets, kernels,
                              lambda_reg=lambda_reg, relative_lambda=relative_lambda,
                              feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
