@@ -8,7 +8,8 @@ margins and checkpoints, shared through its cache) plus wine (scikit-learn's, em
 ``kernel_weights`` in {none, out_to_loss, fisher} and lambda_rel in a sweep, the scores of
 ``trak_fast.kernel.compute_kernel(phi, weights=...)`` + ``trak_fast.score.model_scores`` (the
 code ``attribute`` runs), ensembled over M checkpoints, and their LDS with a bootstrap 95%
-interval. Also the gradient dot product. Writes results/kernel_weights.{json,md}.
+interval. Also the gradient dot product, and ``kernel="full"`` against ``"per_layer"`` on
+``projection="per_layer"`` features. Writes results/kernel_weights.{json,md}.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import lds as H                                     # noqa: E402  (the harness: 
 
 from trak_fast import featurize                     # noqa: E402
 from trak_fast import lds as L                      # noqa: E402
-from trak_fast.kernel import compute_kernel, kernel_row_weights   # noqa: E402
-from trak_fast.score import model_scores            # noqa: E402
+from trak_fast.kernel import compute_kernel, compute_kernels, kernel_blocks, kernel_row_weights  # noqa: E402
+from trak_fast.score import block_scores, model_scores  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,6 +82,41 @@ def run_problem(name: str, models: list, lambdas: list, weights: list, k: int, n
     return rows
 
 
+def run_per_layer(name: str, M: int, k: int, lam: float, n_boot: int) -> list:
+    """``kernel="full"`` against ``"per_layer"`` on the same ``projection="per_layer"`` features."""
+    problem = load(name)
+    cache = H.Cache(problem)
+    masks = L.draw_subsets(problem.n, 100, 0.5, seed=0)
+    margins = cache.margins(masks, 2, "a0.5_s0", progress=False).mean(1)
+    ckpts = cache.checkpoints(M)
+    rows = []
+    for kernel in ("full", "per_layer"):
+        s, q_sum, seconds = 0, 0, 0.0
+        for m, sd in enumerate(ckpts):
+            model = problem.make_model(0)
+            f = featurize(model, sd, problem.batches("train"), proj_dim=k, seed=0, model_id=m,
+                          projection="per_layer")
+            t = featurize(model, sd, problem.batches("target"), proj_dim=k, seed=0, model_id=m,
+                          projection="per_layer", out_to_loss=False, what="targets").phi
+            t0 = time.perf_counter()
+            kernels = compute_kernels(f.phi, kernel_blocks(f.layout, k, kernel),
+                                      weights=kernel_row_weights("out_to_loss", f.out_to_loss))
+            out = torch.zeros(f.phi.shape[0], t.shape[0])
+            block_scores(f.phi, t, kernels, lambda_reg=lam, relative_lambda=True, out=out)
+            seconds += time.perf_counter() - t0
+            s, q_sum = s + out.double(), q_sum + f.out_to_loss.double()
+        r = L.lds((s / M) * (q_sum / M)[:, None], masks, margins, n_boot=n_boot)
+        blocks = kernel_blocks(f.layout, k, kernel)
+        rows.append({"problem": name, "M": M, "method": f"per_layer projection, kernel={kernel}",
+                     "kernel_weights": "out_to_loss", "lambda_rel": lam,
+                     "blocks": [b.stop - b.start for b in blocks],
+                     "kernel_entries": sum((b.stop - b.start) ** 2 for b in blocks),
+                     "kernel_and_solve_seconds": round(seconds, 3), **r.as_dict()})
+        print(f"  {name:<14} M={M:<3} per_layer features, kernel={kernel:<9} blocks "
+              f"{rows[-1]['blocks']} LDS {r} ({seconds:.2f} s kernel+solve)", flush=True)
+    return rows
+
+
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# LDS by kernel row weights and damping (k = {report['k']})", "",
              f"Machine: {report['machine']}; torch {report['torch']}. 100 half subsets, 2 retrains each.", ""]
@@ -95,6 +131,13 @@ def write_markdown(report: dict, path: Path) -> None:
                 cell = f"**{cell}**" if r["lds"] == best else cell
                 lines.append(f"| {r.get('kernel_weights', r['method'])} | {r.get('lambda_rel', '-')} | {cell} |")
             lines.append("")
+    lines += ["## kernel='full' against 'per_layer' (projection='per_layer', out_to_loss, lambda_rel 3, M = 5)",
+              "", "| problem | kernel | blocks k_l | kernel entries | kernel + solve s | LDS [95% CI] |",
+              "|---|---|---|---|---|---|"]
+    for r in report.get("per_layer", []):
+        lines.append(f"| {r['problem']} | {r['method'].split('=')[-1]} | {r['blocks']} | "
+                     f"{r['kernel_entries']} | {r['kernel_and_solve_seconds']} | "
+                     f"{r['lds']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] |")
     path.write_text("\n".join(lines))
 
 
@@ -114,6 +157,7 @@ def main(argv=None) -> int:
     for name in args.problems:
         models = [1, 5] if name == "digits" else [5]
         report["rows"] += run_problem(name, models, args.lambdas, args.weights, args.k, args.n_boot)
+        report["per_layer"] = report.get("per_layer", []) + run_per_layer(name, 5, args.k, 3.0, args.n_boot)
     report["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "kernel_weights.json").write_text(json.dumps(report, indent=1))
