@@ -29,6 +29,10 @@ void project_add_cuda(const at::Tensor& out, at::TensorList grads, int64_t seed,
                       int64_t feature_offset, double scale, int64_t precision);
 void fill_projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind,
                                  int64_t feature_offset, double scale);
+void project_sparse_add_cuda(const at::Tensor& out, at::TensorList grads, int64_t seed, int64_t nnz,
+                             int64_t feature_offset, double scale);
+void fill_sparse_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t nnz, int64_t feature_offset,
+                             double scale);
 #endif
 
 // Argument checks shared by every backend; each message names the argument.
