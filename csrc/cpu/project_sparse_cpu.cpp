@@ -5,14 +5,17 @@
 // The work is cut into units, each owning a range of batch rows and a range of column
 // groups l (the groups own disjoint columns). A unit walks the features in tiles of
 // kRowsPerTile: it generates the tile's sign bits and its groups' columns into its own small
-// buffer, then scatters its rows of g into its part of out. Every out[b, j] is therefore
+// buffer, then scatters its rows of g into its part of out, kept transposed ([k, rows of the
+// unit]) so that a nonzero adds one contiguous vector. Every out[b, j] is therefore
 // summed by one unit, in increasing feature order, so the bits do not depend on how the
 // units are cut or on the thread count, and no atomics or reductions are needed. There is
 // one parallel region and no barrier (barriers cost milliseconds each on a loaded machine).
 // Units generate their tiles' indices independently: with U units that is U * n * c / c_u
 // permutation evaluations, cheap next to the scatter (the batch is split first, groups
-// only when there are fewer batch rows than threads). Extra memory: the per-unit tile
-// buffers (kRowsPerTile * (4c + 8) bytes), whatever n is.
+// only when there are fewer batch rows than threads). Extra memory, whatever n is: per
+// unit, the index buffers (kRowsPerTile * (4c + 8) bytes), its transposed accumulator
+// (k * rows) and its transposed tile of g (kRowsPerTile * rows), so at most
+// 4 (k + kRowsPerTile) * B bytes in float32 over all units.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,7 +29,7 @@
 namespace trak_fast {
 namespace {
 
-constexpr int64_t kRowsPerTile = 4096;
+constexpr int64_t kRowsPerTile = 1024;
 
 // Sign bits (signs[r]) and the columns of groups l0 .. l1 - 1 (cols[r * (l1 - l0) + l - l0])
 // of rows row0 .. row0 + nrows - 1.
@@ -52,54 +55,42 @@ void sparse_rows(uint64_t seed, uint64_t row0, int64_t nrows, int64_t k, int64_t
   }
 }
 
-// Batch rows b0 .. b0 + NB - 1 at once (they share each row's columns and signs, which are
-// loaded once for all NB): o_b[cols[r * CL + t]] += +-(scale * g_b[r]), sign bit l0 + t.
-// CL fixed at compile time for common group counts (CL = 0: runtime).
-template <typename scalar_t, int NB, int CL>
-void scatter_block(scalar_t* __restrict__ o, int64_t ld, const scalar_t* __restrict__ g,
-                   int64_t g_ld, int64_t nrows, int64_t cl_runtime, int64_t l0,
-                   const int32_t* __restrict__ cols, const uint64_t* __restrict__ signs,
-                   scalar_t scale) {
+// accT[col, q] += +-v[r, q] for every row r of the tile and each of its groups' columns,
+// rows in order. accT is the unit's [k, nb] transposed accumulator and v its [nrows, nb]
+// transposed, scaled tile of g, so each nonzero is one contiguous vector add of nb lanes.
+// CL (the number of groups) fixed at compile time for common values (CL = 0: runtime).
+template <typename scalar_t, int CL>
+void scatter_tile(scalar_t* __restrict__ accT, const scalar_t* __restrict__ v, int64_t nb,
+                  int64_t nrows, int64_t cl_runtime, int64_t l0, const int32_t* __restrict__ cols,
+                  const uint64_t* __restrict__ signs) {
   const int64_t cl = CL > 0 ? CL : cl_runtime;
   for (int64_t r = 0; r < nrows; ++r) {
-    scalar_t v[NB];
-    for (int q = 0; q < NB; ++q) v[q] = scale * g[q * g_ld + r];
+    const scalar_t* __restrict__ vr = v + r * nb;
     const uint64_t s = signs[r] >> l0;
     const int32_t* col = cols + r * cl;
     for (int64_t t = 0; t < cl; ++t) {
-      const bool negative = (s >> t) & 1u;
-      const int32_t j = col[t];
-      for (int q = 0; q < NB; ++q) o[q * ld + j] += negative ? -v[q] : v[q];
+      scalar_t* __restrict__ a = accT + static_cast<int64_t>(col[t]) * nb;
+      // a + (-x) and a - x are the same IEEE operation.
+      if ((s >> t) & 1u) {
+        for (int64_t q = 0; q < nb; ++q) a[q] -= vr[q];
+      } else {
+        for (int64_t q = 0; q < nb; ++q) a[q] += vr[q];
+      }
     }
   }
 }
 
-template <typename scalar_t, int NB>
-void scatter_block_any(scalar_t* o, int64_t ld, const scalar_t* g, int64_t g_ld, int64_t nrows,
-                       int64_t cl, int64_t l0, const int32_t* cols, const uint64_t* signs,
-                       scalar_t s) {
-  switch (cl) {
-    case 1: return scatter_block<scalar_t, NB, 1>(o, ld, g, g_ld, nrows, cl, l0, cols, signs, s);
-    case 2: return scatter_block<scalar_t, NB, 2>(o, ld, g, g_ld, nrows, cl, l0, cols, signs, s);
-    case 4: return scatter_block<scalar_t, NB, 4>(o, ld, g, g_ld, nrows, cl, l0, cols, signs, s);
-    case 8: return scatter_block<scalar_t, NB, 8>(o, ld, g, g_ld, nrows, cl, l0, cols, signs, s);
-    case 16: return scatter_block<scalar_t, NB, 16>(o, ld, g, g_ld, nrows, cl, l0, cols, signs, s);
-    default: return scatter_block<scalar_t, NB, 0>(o, ld, g, g_ld, nrows, cl, l0, cols, signs, s);
-  }
-}
-
-// Batch rows [0, nb) of acc (leading dimension ld) from the rows of g (leading dimension
-// g_ld), four at a time. Each out element's sum runs over r in order either way.
 template <typename scalar_t>
-void scatter_rows(scalar_t* acc, int64_t ld, const scalar_t* g, int64_t g_ld, int64_t nb,
-                  int64_t nrows, int64_t l0, int64_t l1, const int32_t* cols, const uint64_t* signs,
-                  scalar_t s) {
-  const int64_t cl = l1 - l0;
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4)
-    scatter_block_any<scalar_t, 4>(acc + b * ld, ld, g + b * g_ld, g_ld, nrows, cl, l0, cols, signs, s);
-  for (; b < nb; ++b)
-    scatter_block_any<scalar_t, 1>(acc + b * ld, ld, g + b * g_ld, g_ld, nrows, cl, l0, cols, signs, s);
+void scatter_tile_any(scalar_t* accT, const scalar_t* v, int64_t nb, int64_t nrows, int64_t cl,
+                      int64_t l0, const int32_t* cols, const uint64_t* signs) {
+  switch (cl) {
+    case 1: return scatter_tile<scalar_t, 1>(accT, v, nb, nrows, cl, l0, cols, signs);
+    case 2: return scatter_tile<scalar_t, 2>(accT, v, nb, nrows, cl, l0, cols, signs);
+    case 4: return scatter_tile<scalar_t, 4>(accT, v, nb, nrows, cl, l0, cols, signs);
+    case 8: return scatter_tile<scalar_t, 8>(accT, v, nb, nrows, cl, l0, cols, signs);
+    case 16: return scatter_tile<scalar_t, 16>(accT, v, nb, nrows, cl, l0, cols, signs);
+    default: return scatter_tile<scalar_t, 0>(accT, v, nb, nrows, cl, l0, cols, signs);
+  }
 }
 
 }  // namespace
@@ -109,7 +100,6 @@ void project_sparse_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t
   check_sparse_project_args(out, grads, seed, nnz, feature_offset);
   const int64_t batch = out.size(0), k = out.size(1);
   if (batch == 0) return;
-  at::Tensor acc = out.is_contiguous() ? out : out.contiguous();
   const at::ScalarType dtype = out.scalar_type();
   // [B, width] views of the pieces (a non-viewable piece is copied once, here).
   std::vector<at::Tensor> pieces;
@@ -126,6 +116,11 @@ void project_sparse_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t
       const int64_t bu = unit / group_units, gu = unit % group_units;
       const int64_t b0 = batch * bu / batch_units, b1 = batch * (bu + 1) / batch_units;
       const int64_t l0 = nnz * gu / group_units, l1 = nnz * (gu + 1) / group_units;
+      const int64_t nb = b1 - b0;
+      // The unit's columns of out, transposed: [k, nb] (only its groups' rows are touched).
+      at::Tensor out_rows = out.narrow(0, b0, nb);
+      at::Tensor accT = out_rows.t().contiguous();
+      at::Tensor v = at::empty({kRowsPerTile, nb}, out.options());
       int64_t offset = feature_offset;
       for (const at::Tensor& g : pieces) {
         const int64_t width = g.size(1);
@@ -133,23 +128,27 @@ void project_sparse_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t
           const int64_t nrows = std::min(kRowsPerTile, width - row0);
           sparse_rows(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + row0), nrows, k,
                       nnz, l0, l1, cols.data(), signs.data());
-          // The unit's [b1 - b0, nrows] slice of g, with contiguous rows in the
-          // accumulator's dtype: fp16 / bf16 or column-major input is converted one slice
-          // at a time, so no full-size copy is made.
-          at::Tensor slice = g.narrow(0, b0, b1 - b0).narrow(1, row0, nrows);
+          // v = scale * g[b0:b1, tile], transposed to [nrows, nb], in the accumulator's
+          // dtype: one tile at a time, so no full-size copy of g is made.
+          at::Tensor slice = g.narrow(0, b0, nb).narrow(1, row0, nrows);
           if (slice.scalar_type() != dtype || (nrows > 1 && slice.stride(1) != 1))
             slice = slice.to(dtype).contiguous();
           AT_DISPATCH_FLOATING_TYPES(dtype, "trak_fast_project_sparse", [&] {
-            scatter_rows<scalar_t>(acc.data_ptr<scalar_t>() + b0 * k, k, slice.data_ptr<scalar_t>(),
-                                   slice.stride(0), b1 - b0, nrows, l0, l1, cols.data(),
-                                   signs.data(), static_cast<scalar_t>(scale));
+            const scalar_t s = static_cast<scalar_t>(scale);
+            const scalar_t* src = slice.data_ptr<scalar_t>();
+            const int64_t src_ld = slice.stride(0);
+            scalar_t* vt = v.data_ptr<scalar_t>();
+            for (int64_t q = 0; q < nb; ++q)
+              for (int64_t r = 0; r < nrows; ++r) vt[r * nb + q] = s * src[q * src_ld + r];
+            scatter_tile_any<scalar_t>(accT.data_ptr<scalar_t>(), vt, nb, nrows, l1 - l0, l0,
+                                       cols.data(), signs.data());
           });
         }
         offset += width;
       }
+      out_rows.copy_(accT.t());
     }
   });
-  if (!acc.is_same(out)) out.copy_(acc);
 }
 
 void fill_sparse_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t nnz, int64_t feature_offset,
