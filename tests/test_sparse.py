@@ -397,3 +397,14 @@ def test_cuda_sequence_strided_and_out_forms():
     strided = torch.zeros(200, 6, device="cuda").T
     project([a, b], 200, kind="sparse", nnz=8, seed=1, out=strided)
     assert torch.equal(strided, got)
+
+
+def test_projector_carries_nnz():
+    proj = trak_fast.Projector(300, seed=2, kind="sparse", nnz=8)
+    g = torch.randn(4, 5000)
+    assert torch.equal(proj(g, model_id=3), project(g, 300, seed=trak_fast.model_seed(2, 3), kind="sparse", nnz=8))
+    assert torch.equal(proj.matrix(100), projection_matrix(100, 300, seed=2, kind="sparse", nnz=8))
+    assert proj.to_dict()["nnz"] == 8 and trak_fast.Projector(**proj.to_dict()) == proj
+    assert proj != proj.replace(nnz=4)
+    with pytest.raises(ValueError, match="nnz must be at most proj_dim"):
+        trak_fast.Projector(4, kind="sparse", nnz=8)
