@@ -408,3 +408,34 @@ def test_projector_carries_nnz():
     assert proj != proj.replace(nnz=4)
     with pytest.raises(ValueError, match="nnz must be at most proj_dim"):
         trak_fast.Projector(4, kind="sparse", nnz=8)
+
+
+def test_pipeline_passes_kind_and_nnz_through(tmp_path):
+    """attribute / Featurizer use the sparse matrix with the given nnz; the TRAK store records
+    nnz for sparse (and refuses a different one) while dense stores keep their settings."""
+    from trak_fast import digits
+    from trak_fast.attribute import attribute
+    from trak_fast.featurize import Featurizer
+    from trak_fast.store import StoreMismatchError
+    from trak_fast.trak import TRAK
+
+    x, y, xt, yt = digits.load_digits(n_train=60, n_targets=10)
+    model = digits.train(digits.make_mlp(16), x, y, epochs=2)
+    ckpt = model.state_dict()
+    feat = Featurizer(model, ckpt, proj_dim=64, kind="sparse", nnz=2, seed=3)
+    dense = Featurizer(model, ckpt, proj_dim=None)
+    batch = (x[:5], y[:5])
+    phi = feat(batch)[0]
+    raw = dense(batch)[0]
+    expected = project(raw, 64, seed=trak_fast.model_seed(3, 0), kind="sparse", nnz=2)
+    assert rel_err(phi, expected) < 1e-5
+    scores = [attribute(model, [ckpt], digits.batches(x, y), digits.batches(xt, yt), proj_dim=64,
+                        kind="sparse", nnz=c, progress=False) for c in (2, 8)]
+    assert scores[0].shape == (60, 10) and not torch.allclose(scores[0], scores[1])
+    trak = TRAK(tmp_path / "s", model, train_size=60, proj_dim=64, kind="sparse", nnz=2, progress=False)
+    assert trak.store.settings["nnz"] == 2
+    with pytest.raises(StoreMismatchError, match="nnz"):
+        TRAK(tmp_path / "s", model, train_size=60, proj_dim=64, kind="sparse", nnz=4, progress=False)
+    assert "nnz" not in TRAK(tmp_path / "d", model, train_size=60, proj_dim=64, progress=False).store.settings
+    with pytest.raises(ValueError, match="nnz"):
+        TRAK(tmp_path / "bad", model, train_size=60, proj_dim=8, kind="sparse", nnz=9, progress=False)

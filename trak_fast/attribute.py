@@ -28,7 +28,8 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               kind: str = "rademacher", seed: int = 0, lambda_reg: Optional[float] = None,
               relative_lambda: Optional[bool] = None, ensemble: str = "mean",
               grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
-              grad_memory: int = DEFAULT_GRAD_MEMORY, progress: bool = True) -> torch.Tensor:
+              grad_memory: int = DEFAULT_GRAD_MEMORY, progress: bool = True,
+              nnz: int = 4) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
     Args:
@@ -41,6 +42,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             :class:`~trak_fast.Task`.
         proj_dim: ``k``; ``None`` uses the raw gradients as features.
         kind, seed: the projection; checkpoint m uses ``model_seed(seed, m)``.
+        nnz: nonzeros per row for ``kind="sparse"``.
         lambda_reg, relative_lambda: the damping. Defaults: for ``ensemble="mean"``,
             ``lambda = DEFAULT_LAMBDA_REL * tr(Phi^T Phi) / n`` (relative, scale-free); for
             ``ensemble="trak"``, ``lambda_reg = 0`` absolute, as MadryLab trak. Pass
@@ -67,7 +69,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one state_dict, got an empty list")
 
-    settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
+    settings = dict(task=task, proj_dim=proj_dim, kind=kind, nnz=nnz, seed=seed, grad_wrt=grad_wrt,
                     device=device, grad_memory=grad_memory, progress=progress)
     score_sum = None
     q_sum = None

@@ -138,6 +138,7 @@ class Featurizer:
         task: a :class:`~trak_fast.Task` or a built-in task name.
         proj_dim: ``k``; ``None`` keeps the raw gradients (``k = p``, parameter order).
         kind, seed, model_id: the projection matrix ``P_m``, seed ``model_seed(seed, model_id)``.
+        nnz: nonzeros per row for ``kind="sparse"``.
         grad_wrt: names of the parameters to differentiate (``None``: all), in model order.
         device: where gradients are computed (``None``: the model's parameter device).
         grad_memory: bytes one group of per-example gradients may take.
@@ -147,7 +148,7 @@ class Featurizer:
                  task: Union[str, Task] = "classification", proj_dim: Optional[int] = 2048,
                  kind: str = "rademacher", seed: int = 0, model_id: int = 0,
                  grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
-                 grad_memory: int = DEFAULT_GRAD_MEMORY):
+                 grad_memory: int = DEFAULT_GRAD_MEMORY, nnz: int = 4):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_proj_dim(proj_dim)
@@ -156,6 +157,7 @@ class Featurizer:
         self.task = get_task(task)
         self.proj_dim = proj_dim
         self.kind = kind
+        self.nnz = nnz
         self.seed = model_seed(seed, model_id)
         self.device = torch.device(device) if device is not None else model_device(model)
         self.grad_memory = grad_memory
@@ -171,7 +173,7 @@ class Featurizer:
         self.dtype = (torch.float64 if any(self.params[n].dtype == torch.float64
                                            for n in self.grad_names) else torch.float32)
         if proj_dim is not None:
-            project([torch.zeros(1, 1)], proj_dim, seed=self.seed, kind=kind)  # validates kind
+            project([torch.zeros(1, 1)], proj_dim, seed=self.seed, kind=kind, nnz=nnz)  # validates kind, nnz
 
     def _model_fn(self, params: Mapping[str, torch.Tensor]):
         def run(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -216,7 +218,7 @@ class Featurizer:
                         phi[start:stop, column:column + width] = piece.reshape(stop - start, width)
                         column += width
                 else:
-                    project(pieces, self.proj_dim, seed=self.seed, kind=self.kind,
+                    project(pieces, self.proj_dim, seed=self.seed, kind=self.kind, nnz=self.nnz,
                             feature_offset=offset, out=phi[start:stop])
         return phi
 
@@ -306,7 +308,8 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
               proj_dim: Optional[int] = 2048, kind: str = "rademacher", seed: int = 0,
               model_id: int = 0, grad_wrt: Optional[Sequence[str]] = None,
               device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
-              progress: bool = False, out_to_loss: bool = True, what: str = "train") -> Features:
+              progress: bool = False, out_to_loss: bool = True, what: str = "train",
+              nnz: int = 4) -> Features:
     """Features of every example in ``batches`` under one checkpoint, in memory.
 
     Returns ``Features(phi [n, k], out_to_loss [n])`` on the CPU: ``phi`` float32 (float64 for
@@ -317,7 +320,7 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     """
     featurizer = Featurizer(model, checkpoint, task=task, proj_dim=proj_dim, kind=kind, seed=seed,
                             model_id=model_id, grad_wrt=grad_wrt, device=device,
-                            grad_memory=grad_memory)
+                            grad_memory=grad_memory, nnz=nnz)
     phis: List[torch.Tensor] = []
     qs: List[torch.Tensor] = []
     shapes = None

@@ -36,7 +36,7 @@ from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches
                         _check_proj_dim, _check_same_shapes,
                         _loader_length, featurize, grad_param_names, model_device, num_grad_params)
 from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
-from .projection import _MAX_SEED, _check_int, _check_kind
+from .projection import _MAX_SEED, _check_int, _check_kind, _check_nnz
 from .score import damping, finish_ensemble, model_scores, trak_feature_scale
 from .store import Store, check_name, save_array_atomic, temp_path
 from .tasks import Task, get_task
@@ -92,7 +92,7 @@ class TRAK:
                  proj_dim: Optional[int] = 2048, kind: str = "rademacher", seed: int = 0,
                  grad_wrt: Optional[Sequence[str]] = None, feature_dtype: str = "float32",
                  device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
-                 progress: bool = True):
+                 progress: bool = True, nnz: int = 4):
         # Every setting is validated before the store is opened: the store records them on
         # creation, and a bad value written there would make the corrected call a mismatch.
         if not isinstance(model, torch.nn.Module):
@@ -102,13 +102,16 @@ class TRAK:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
         _check_proj_dim(proj_dim)
-        _check_kind(kind)
+        kind_id = _check_kind(kind)
+        if proj_dim is not None:
+            _check_nnz(nnz, kind_id, proj_dim)
         _check_int("seed", seed, 0, _MAX_SEED)
         _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
         self.proj_dim = proj_dim
         self.kind = kind
+        self.nnz = nnz
         self.seed = seed
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.feature_dtype = feature_dtype
@@ -122,6 +125,8 @@ class TRAK:
             "num_grad_params": self.num_grad_params,
             "num_features": proj_dim if proj_dim is not None else self.num_grad_params,
         }
+        if kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
+            settings["nnz"] = nnz
         self.store = Store(save_dir, settings)
         self.train_size = train_size
         self.num_features = settings["num_features"]
@@ -130,7 +135,7 @@ class TRAK:
 
     def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, proj_dim=self.proj_dim,
-                          kind=self.kind, seed=self.seed, model_id=model_id,
+                          kind=self.kind, seed=self.seed, model_id=model_id, nnz=self.nnz,
                           grad_wrt=self.grad_wrt, device=self.device, grad_memory=self.grad_memory)
 
     def featurize(self, checkpoint: Mapping[str, torch.Tensor], train: Iterable[Batch], *,
@@ -260,7 +265,8 @@ class TRAK:
             raise ValueError(f"experiment {name!r} already has target features for model_id "
                              f"{model_id}; pass overwrite=True to replace them")
         phi = featurize(self.model, checkpoint, targets, task=self.task, proj_dim=self.proj_dim,
-                        kind=self.kind, seed=self.seed, model_id=model_id, grad_wrt=self.grad_wrt,
+                        kind=self.kind, seed=self.seed, model_id=model_id, nnz=self.nnz,
+                        grad_wrt=self.grad_wrt,
                         device=self.device, grad_memory=self.grad_memory, progress=self.progress,
                         out_to_loss=False, what=f"targets {name!r}").phi
         if experiment is not None and experiment["num_targets"] != phi.shape[0]:
