@@ -52,7 +52,10 @@ __global__ void sparse_gather_kernel(acc_t* __restrict__ partial, const in_t* __
   // The row blocks that meet [offset, offset + width), cut into `splits` ranges.
   const uint64_t first = offset / m, last = (offset + width - 1) / m;
   const uint64_t count = last - first + 1;
-  const uint64_t lo = first + count * split / splits, hi = first + count * (split + 1) / splits;
+  // Split s gets blocks [first + s * q + min(s, r), ...): q = count / splits, r = count % splits.
+  const uint64_t q_ = count / splits, r_ = count % splits, us = static_cast<uint64_t>(split);
+  const uint64_t lo = first + us * q_ + (us < r_ ? us : r_);
+  const uint64_t hi = lo + q_ + (us < r_ ? 1 : 0);
   const int64_t nb = batch - b0 < kBatchPerThread ? batch - b0 : kBatchPerThread;
   acc_t sum[kBatchPerThread];
 #pragma unroll
