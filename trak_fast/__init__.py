@@ -13,6 +13,7 @@ from .featurize import Features, Featurizer, featurize, target_features
 from .kernel import DEFAULT_LAMBDA_REL, Kernel, RegularizedInverse, compute_kernel, kernel_matrix
 from .score import model_scores
 from .attribute import attribute
+from .fingerprint import ExampleMismatchError
 from .store import STORE_FORMAT_VERSION, StoreBusyError, StoreMismatchError
 from .trak import TRAK
 
@@ -25,6 +26,6 @@ __all__ = [
     "featurize", "target_features", "Features", "Featurizer",
     "kernel_matrix", "compute_kernel", "Kernel", "RegularizedInverse", "DEFAULT_LAMBDA_REL",
     "model_scores",
-    "STORE_FORMAT_VERSION", "StoreMismatchError", "StoreBusyError",
+    "STORE_FORMAT_VERSION", "StoreMismatchError", "StoreBusyError", "ExampleMismatchError",
     "__version__",
 ]

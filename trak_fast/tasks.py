@@ -97,12 +97,34 @@ class Task(abc.ABC):
 
     @property
     def has_batched_outputs(self) -> bool:
-        """Whether this task's class defines :meth:`outputs` (the hook path needs it)."""
-        return type(self).outputs is not Task.outputs
+        """Whether :meth:`outputs` is this task's own (the hook path needs it).
+
+        A subclass that overrides :meth:`output` but inherits ``outputs`` from its parent
+        (say, a custom task derived from :class:`ClassificationTask`) would differentiate the
+        parent's function on the hook path; such a task keeps the vmap path.
+        """
+        cls = type(self)
+        return _definer(cls, "outputs") is not Task and \
+            issubclass(_definer(cls, "outputs"), _definer(cls, "output"))
+
+    def batched_outputs_and_out_to_loss(self, model: ModelFn, batch: Any):
+        """:meth:`outputs_and_out_to_loss` when it is as recent as ``outputs`` and
+        ``out_to_loss`` in the class hierarchy, else the two called separately."""
+        cls = type(self)
+        shared = _definer(cls, "outputs_and_out_to_loss")
+        if issubclass(shared, _definer(cls, "outputs")) and \
+                issubclass(shared, _definer(cls, "out_to_loss")):
+            return self.outputs_and_out_to_loss(model, batch)
+        return Task.outputs_and_out_to_loss(self, model, batch)
 
     def check_batch(self, batch: Any, where: str) -> int:
         """Validates one batch and returns its size. ``where`` names it in error messages."""
         return batch_size_of(batch, where)
+
+
+def _definer(cls: type, attribute: str) -> type:
+    """The class in ``cls``'s MRO that defines ``attribute``."""
+    return next(k for k in cls.__mro__ if attribute in vars(k))
 
 
 def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
