@@ -92,7 +92,7 @@ def make_model(vocab: int, max_len: int, width: int, layers: int, seed: int):
 
 
 def train(model, batches: List[Dict[str, torch.Tensor]], epochs: int, lr: float, seed: int) -> float:
-    """AdamW on the summed-over-tokens cross-entropy (padding masked); returns the last epoch's loss per token."""
+    """AdamW on the token-mean cross-entropy (padding masked); returns the last epoch's loss per token."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -101,13 +101,15 @@ def train(model, batches: List[Dict[str, torch.Tensor]], epochs: int, lr: float,
         total, tokens = 0.0, 0
         for index in torch.randperm(len(batches), generator=g).tolist():
             batch = batches[index]
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            out = model(**batch, labels=labels)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+            logits = model(**batch).logits[:, :-1]       # position t predicts token t + 1
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1), ignore_index=-100)
             opt.zero_grad()
-            out.loss.backward()
+            loss.backward()
             opt.step()
-            count = int((labels[:, 1:] != -100).sum())
-            total += float(out.loss) * count
+            count = int((labels != -100).sum())
+            total += loss.item() * count
             tokens += count
         per_token = total / tokens
     model.eval()

@@ -348,15 +348,21 @@ class LanguageModelingTask(Task):
         return logits
 
     @staticmethod
-    def _token_terms(logits: torch.Tensor, batch: Dict[str, torch.Tensor],
-                     check_labels: bool = True
-                     ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
-        """Per-position ``(m_t, p_t, t in S)``, each ``[B, T - 1]``; logits at ``t`` predict ``t + 1``."""
+    def _next_tokens(batch: Dict[str, torch.Tensor]) -> "tuple[torch.Tensor, torch.Tensor]":
+        """``(labels[:, 1:], t in S)``, each ``[B, T - 1]``: what position ``t`` predicts, and whether."""
         labels = batch.get("labels", batch["input_ids"])[:, 1:].long()
         predicted = labels != IGNORE_INDEX
         mask = batch.get("attention_mask")
         if mask is not None:
             predicted = predicted & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+        return labels, predicted
+
+    @staticmethod
+    def _token_terms(logits: torch.Tensor, batch: Dict[str, torch.Tensor],
+                     check_labels: bool = True
+                     ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+        """Per-position ``(m_t, p_t, t in S)``, each ``[B, T - 1]``; logits at ``t`` predict ``t + 1``."""
+        labels, predicted = LanguageModelingTask._next_tokens(batch)
         vocab = logits.shape[-1]
         if check_labels:   # not under vmap: int() reads values
             used = torch.where(predicted, labels, 0)
@@ -384,10 +390,8 @@ class LanguageModelingTask(Task):
             raise ValueError(f"{where}: unexpected keys {unknown}; the language-modeling task "
                              "reads only 'input_ids', 'attention_mask' and 'labels'")
         input_ids = batch["input_ids"]
-        for key in ("input_ids", "attention_mask", "labels"):
-            value = batch.get(key)
-            if value is None and key != "input_ids":
-                continue
+        for key in [key for key in ("input_ids", "attention_mask", "labels") if key in batch]:
+            value = batch[key]
             allowed = _INTEGER_DTYPES + ((torch.bool,) if key == "attention_mask" else ())
             if not isinstance(value, torch.Tensor) or value.dtype not in allowed:
                 got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
@@ -403,13 +407,12 @@ class LanguageModelingTask(Task):
         if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(f"{where}: 'attention_mask' must hold only 0 and 1")
         labels = batch.get("labels")
-        if labels is not None and bool(((labels < 0) & (labels != IGNORE_INDEX)).any()):
-            raise ValueError(f"{where}: 'labels' must be -100 (ignored) or a token id >= 0, "
-                             f"got {int(labels.min())}")
-        predicted = (labels if labels is not None else input_ids)[:, 1:] != IGNORE_INDEX
-        if mask is not None:
-            predicted = predicted & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
-        empty = (~predicted.any(1)).nonzero()[:, 0].tolist()
+        if labels is not None:
+            bad = labels[(labels < 0) & (labels != IGNORE_INDEX)]
+            if bad.numel():
+                raise ValueError(f"{where}: 'labels' must be -100 (ignored) or a token id >= 0, "
+                                 f"got {int(bad[0])}")
+        empty = (~self._next_tokens(batch)[1].any(1)).nonzero()[:, 0].tolist()
         if empty:
             raise ValueError(
                 f"{where}: sequences {empty[:8]}{' ...' if len(empty) > 8 else ''} predict no "
