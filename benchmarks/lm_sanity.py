@@ -20,8 +20,9 @@ held-out target sequences (fresh draws from the same sources). For each target, 
 its 10 largest-scoring train sequences (proponents) that come from the target's own source.
 Chance is ``1 / sources``. Pass: mean share >= 0.9.
 
-Prints a table and writes ``benchmarks/results/lm_sanity.json`` (one entry per projection, so
-dense and factored runs sit side by side).
+Prints a table and writes ``benchmarks/results/lm_sanity.json``: one entry per projection (and
+per ``--seed`` other than 0, which redraws the data, the models and the projection), so dense and
+factored runs sit side by side.
 """
 from __future__ import annotations
 
@@ -226,7 +227,8 @@ def main(argv=None) -> dict:
     report = run(args)
     print_table(report)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[report["projection"]] = report
+    key = report["projection"] + ("" if args.seed == 0 else f", seed {args.seed}")
+    results[key] = report
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
