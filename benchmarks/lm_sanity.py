@@ -7,8 +7,8 @@ Data: ``--sources`` synthetic sources over one small vocabulary, each a first-or
 with its own rule: every token has ``--branching`` successors (default 1), drawn per source,
 and with probability ``--noise`` the next token is uniform instead. Sequences have random
 lengths and are right-padded per batch with an attention mask, so the task's padding handling
-is exercised. With 3 equally likely successors per token the share falls to about 0.5 at
-M = 1. A likely reason: at a well-fitted model a token's margin gradient points away from the
+is exercised. With 3 equally likely successors per token the share falls to 0.73 (about 0.5 at
+M = 1). A likely reason: at a well-fitted model a token's margin gradient points away from the
 context's other successors, so same-source sequences that branch differently look dissimilar.
 
 Model: a tiny GPT-2 (``GPT2LMHeadModel`` from a ``GPT2Config``, eager attention, no download)
