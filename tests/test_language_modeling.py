@@ -295,3 +295,24 @@ def test_labels_outside_the_vocabulary_are_refused():
     with pytest.raises(ValueError, match=rf"train batch 0: labels must be -100 or lie in \[0, {VOCAB}\)"):
         trak_fast.featurize(model, model.state_dict(), [{"input_ids": _ids(2, 5), "labels": labels}],
                             task="language_modeling", proj_dim=8)
+
+
+@pytest.mark.parametrize("projection", ["dense", "factored"])
+def test_hook_path_matches_vmap_and_ignores_padding(projection, batch):
+    """The hook path (batched ``outputs``) gives the vmap path's features; more padding changes nothing."""
+    model = gpt2()
+    kwargs = dict(task="language_modeling", proj_dim=48, projection=projection)
+    if projection == "factored":
+        kwargs["factored_dims"] = (4, 4)
+    hooks = trak_fast.featurize(model, model.state_dict(), [batch], gradients="hooks", **kwargs)
+    if projection == "dense":               # factored exists on the hook path only
+        vmap = trak_fast.featurize(model, model.state_dict(), [batch], gradients="vmap", **kwargs)
+        torch.testing.assert_close(hooks.phi, vmap.phi, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hooks.out_to_loss, vmap.out_to_loss, rtol=1e-6, atol=0)
+    # Three more pad columns on the right (another pad token, labels not -100): the real tokens
+    # keep their positions, so nothing may change.
+    wider = {k: torch.cat([v, torch.full((v.shape[0], 3), 0 if k == "attention_mask" else 9)], 1)
+             for k, v in batch.items()}
+    padded = trak_fast.featurize(model, model.state_dict(), [wider], gradients="hooks", **kwargs)
+    torch.testing.assert_close(padded.phi, hooks.phi, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(padded.out_to_loss, hooks.out_to_loss, rtol=1e-6, atol=0)
