@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     trak_s = time.perf_counter() - t0
 
     top = scores.topk(args.top, dim=0).indices                      # [top, n_targets]
-    share = (train_src[top] == target_src[None, :]).float().mean(0)  # [n_targets]
+    share = (train_src[top] == target_src[None, :]).double().mean(0)  # [n_targets]
     rows = [{"target": t, "source": int(target_src[t]), "length": len(target_seqs[t]),
              "own_source_share": float(share[t])} for t in range(len(target_seqs))]
     return {

@@ -300,9 +300,11 @@ class LanguageModelingTask(Task):
     real tokens the same logits with and without the padding: true for right padding with an
     attention mask. With left padding, the model must take its position ids from the mask.
 
-    Under ``gradients="vmap"`` (``torch.func``), a Hugging Face model given an attention mask
-    must use eager attention (``GPT2Config(attn_implementation="eager")``). Its SDPA mask
-    builder branches on the mask's values, which ``vmap`` cannot trace.
+    Parameters differentiated through ``torch.func.vmap`` (embeddings and norms under
+    ``gradients="auto"``, all under ``"vmap"``) need a Hugging Face model given an attention
+    mask to use eager attention (``GPT2Config(attn_implementation="eager")``): its SDPA mask
+    builder branches on the mask's values, which ``vmap`` cannot trace. The hook path calls
+    :meth:`outputs` on the whole batch and does not care.
     """
 
     name = "language_modeling"
