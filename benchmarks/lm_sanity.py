@@ -1,14 +1,14 @@
 """Language-model sanity check: do a target sequence's top TRAK proponents come from its own source?
 
-    python benchmarks/lm_sanity.py                          # dense projection, ~2-3 min on 2 shared cores
+    python benchmarks/lm_sanity.py                          # dense, ~35 s CPU, 1-2 min on the loaded 2 cores
     python benchmarks/lm_sanity.py --projection factored    # factored 16 x 16 per layer
 
 Data: ``--sources`` synthetic sources over one small vocabulary, each a first-order Markov chain
 with its own rule: every token has ``--branching`` successors (default 1), drawn per source,
 and with probability ``--noise`` the next token is uniform instead. Sequences have random
 lengths and are right-padded per batch with an attention mask, so the task's padding handling
-is exercised. With 3 equally likely successors per token the share falls to 0.73 (about 0.5 at
-M = 1). A likely reason: at a well-fitted model a token's margin gradient points away from the
+is exercised. With 3 equally likely successors per token the share falls to 0.725.
+A likely reason: at a well-fitted model a token's margin gradient points away from the
 context's other successors, so same-source sequences that branch differently look dissimilar.
 
 Model: a tiny GPT-2 (``GPT2LMHeadModel`` from a ``GPT2Config``, eager attention, no download)

@@ -279,7 +279,7 @@ class LanguageModelingTask(Task):
 
     Why these. TRAK's score of a train example stands in for its loss gradient, written
     ``Q(z) grad f(z)`` (the one-step Newton estimate of leaving ``z`` out, with the logistic
-    Hessian weights dropped). Here the exact loss gradient is
+    Hessian weights dropped). Here the exact negative loss gradient is
     ``-grad L(z) = sum_t (1 - p_t) grad m_t``, while TRAK uses
     ``Q(z) grad f(z) = mean_t(1 - p_t) * sum_t grad m_t``.
 
@@ -290,8 +290,8 @@ class LanguageModelingTask(Task):
       weights into ``f`` (``f = sum_t stopgrad(1 - p_t) m_t``, ``Q = 1``) would make target
       features loss gradients rather than margins, and lose the one-token reduction above.
     - *Sum, not mean*, for ``f``. The loss sums over tokens: Hugging Face's token-mean over a
-      batch weights every token equally, so each sequence counts by its sum. The kernel
-      ``Phi^T Phi`` then has one term per token, like the loss's Gauss-Newton curvature.
+      batch weights every token equally, so each sequence counts by its sum. A sequence's
+      feature then grows with its number of predicted tokens, as its share of the loss does.
       ``f = mean_t m_t`` with ``Q = sum_t (1 - p_t)`` gives the same train rows' ``Q grad f``
       but would shrink long sequences in the kernel and in the targets' features.
 
