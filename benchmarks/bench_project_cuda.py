@@ -2,7 +2,10 @@
 
 In one run, Rademacher, at B in {32, 256, 1024}, n in {2^22, 2^25}, k in {1024, 4096}
 (shapes whose inputs do not fit in GPU memory are skipped and say so):
-  - trak_fast.project in each precision (fp32, tf32, bf16), P generated on the fly;
+  - trak_fast.project in each precision (fp32, tf32, bf16), P generated on the fly, with the
+    strategy the shape rule picks;
+  - trak_fast.project in bf16 with each strategy forced (TRAK_FAST_CUDA_STRATEGY=fused: the fused
+    kernel; =gemm: P generated in 16384-row chunks into a workspace, then cuBLAS);
   - torch.mm with P = projection_matrix(...) materialized beforehand in the same precision
     (fp32 with TF32 off, fp32 with TF32 on, bf16 with g converted beforehand): the cuBLAS
     ceiling when P costs nothing, where P fits;
@@ -199,6 +202,30 @@ def bench_shape(batch: int, n: int, k: int, args, deadline: float, log) -> List[
         record("trak_fast", precision,
                lambda g, p=precision: trak_fast.project(g, k, seed=SEED, precision=p), check)
 
+    # The two CUDA strategies for bf16, forced (TRAK_FAST_CUDA_STRATEGY, read at every call):
+    # the fused kernel and generate-then-GEMM; the row above is what the shape rule picks.
+    def forced(strategy):
+        def run(g):
+            before = os.environ.get("TRAK_FAST_CUDA_STRATEGY")
+            os.environ["TRAK_FAST_CUDA_STRATEGY"] = strategy
+            try:
+                return trak_fast.project(g, k, seed=SEED, precision="bf16")
+            finally:
+                if before is None:
+                    os.environ.pop("TRAK_FAST_CUDA_STRATEGY", None)
+                else:
+                    os.environ["TRAK_FAST_CUDA_STRATEGY"] = before
+        return run
+
+    for strategy in ("fused", "gemm"):
+        def check(out):
+            err = rel_err(out[:ref_corner.shape[0], :ref_corner.shape[1]], ref_corner)
+            res = {"rel_err_vs_fp64_corner": err, "check_ok": err < TOL["bf16"],
+                   "check": f"err vs fp64 {err:.2e}"}
+            return res
+        record(f"trak_fast {strategy}", "bf16", forced(strategy), check,
+               note=f"TRAK_FAST_CUDA_STRATEGY={strategy}")
+
     # cuBLAS with P materialized in each precision, where it fits; same matrix, so compared
     # with trak_fast's result in the same precision.
     scale = 1.0 / math.sqrt(k)
@@ -326,11 +353,13 @@ def table(rows: List[dict]) -> str:
         return "skip" if status.startswith("skipped") else "n/a" if "unavailable" in status else "err"
 
     cols = [("tf fp32", "trak_fast/fp32"), ("tf tf32", "trak_fast/tf32"), ("tf bf16", "trak_fast/bf16"),
+            ("fused bf16", "trak_fast fused/bf16"), ("gemm bf16", "trak_fast gemm/bf16"),
             ("mm fp32", "torch.mm (P materialized)/fp32"), ("mm tf32", "torch.mm (P materialized)/tf32"),
             ("mm bf16", "torch.mm (P materialized)/bf16"), ("fast_jl", "fast_jl/fp32"), ("sjlt", "sjlt/fp32")]
     lines = ["times in ms (median); tf = trak_fast.project; mm = torch.mm with P materialized",
-             "| B | n | k | " + " | ".join(c[0] for c in cols) + " | bf16 vs fast_jl | bf16 / mm bf16 |",
-             "|" + "---|" * (len(cols) + 5)]
+             "| B | n | k | " + " | ".join(c[0] for c in cols)
+             + " | bf16 vs fast_jl | bf16 / mm bf16 | gemm vs fused |",
+             "|" + "---|" * (len(cols) + 6)]
     for (b, n, k), byname in shapes.items():
         if "(shape)/" in byname:
             lines.append(f"| {b} | 2^{int(math.log2(n))} | {k} | " + byname["(shape)/"]["status"] + " |")
@@ -345,9 +374,12 @@ def table(rows: List[dict]) -> str:
             return f"{rc['median_ms'] / ra['median_ms']:.2f}x"
         lines.append(f"| {b} | 2^{int(math.log2(n))} | {k} | " + " | ".join(cells) + " | "
                      + ratio("trak_fast/bf16", "fast_jl/fp32") + " | "
-                     + ratio("trak_fast/bf16", "torch.mm (P materialized)/bf16") + " |")
+                     + ratio("trak_fast/bf16", "torch.mm (P materialized)/bf16") + " | "
+                     + ratio("trak_fast gemm/bf16", "trak_fast fused/bf16") + " |")
     lines.append("bf16 vs fast_jl: fast_jl time / trak_fast bf16 time (throughput ratio). "
-                 "bf16 / mm bf16: cuBLAS time / trak_fast time (share of the GEMM's throughput).")
+                 "bf16 / mm bf16: cuBLAS time / trak_fast time (share of the GEMM's throughput). "
+                 "gemm vs fused: fused time / generate-then-GEMM time (> 1: GEMM faster). "
+                 "tf bf16 is what the shape rule picks (project_cuda.cu: gemm at B >= 128, k >= 256).")
     return "\n".join(lines)
 
 

@@ -36,9 +36,10 @@ PRECISIONS = ["fp32", "tf32", "bf16"]
 # to bf16 ~1.1e-3, relative).
 EXACT_TOL = {"fp32": 5e-5, "tf32": 1.5e-3, "bf16": 5e-3}
 # Bounds on the error against the reference with operands rounded as the precision promises:
-# float32 accumulation. Tensor cores accumulate with truncation, which the kernel limits by
-# flushing its accumulators every 2048 features; 1e-4 still separates "rounded as promised"
-# from "not rounded" (3e-4 for tf32, 1.1e-3 for bf16).
+# float32 accumulation. Tensor cores accumulate with truncation, which the fused kernel limits
+# by flushing its accumulators every 512 MMAs (bias < 6.1e-5, project_fast.cu) and the GEMM
+# strategy by cutting the feature sum into GEMMs of 16384 rows (1024 MMAs); 1e-4 still separates
+# "rounded as promised" from "not rounded" (3e-4 for tf32, 1.1e-3 for bf16).
 ROUNDED_TOL = {"fp32": 5e-5, "tf32": 1e-4, "bf16": 1e-4}
 BIG_N = 2**20 + 3
 
@@ -143,14 +144,103 @@ def test_rademacher_matrix_bit_identical_to_cpu(n, k, offset, scale):
 
 @pytest.mark.parametrize("n,k,offset", [(1, 3, 0), (257, 131, 5), (64, 2000, 2**32 - 20)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gaussian_matrix_within_2_ulp_of_cpu(n, k, offset, dtype):
+def test_gaussian_matrix_bit_identical_to_cpu(n, k, offset, dtype):
+    """The generator's float ops are all round-to-nearest (`*.rn` in the PTX, no .ftz or
+    .approx), the same ops in the same order as the CPU's: the bits must agree."""
     cpu = trak_fast.projection_matrix(n, k, seed=11, kind="gaussian", feature_offset=offset,
                                       dtype=dtype)
     gpu = trak_fast.projection_matrix(n, k, seed=11, kind="gaussian", feature_offset=offset,
                                       dtype=dtype, device="cuda").cpu()
-    ulp = torch.nextafter(cpu.abs(), torch.tensor(math.inf, dtype=dtype)) - cpu.abs()
-    assert ((gpu - cpu).abs() <= 2 * ulp).all()
     assert torch.isfinite(gpu).all()
+    assert torch.equal(gpu, cpu)
+
+
+# ---- strategies (fused kernel, generate-then-GEMM) --------------------------------------------
+STRATEGIES = ["fused", "gemm"]
+
+
+@pytest.fixture
+def strategy(request, monkeypatch):
+    """Forces TRAK_FAST_CUDA_STRATEGY for the test (read by the C++ side at every call)."""
+    monkeypatch.setenv("TRAK_FAST_CUDA_STRATEGY", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("batch,k,n", [(1, 1, 1), (5, 300, 1023), (130, 4100, 700),
+                                       (129, 260, 40000), (1, 64, BIG_N)])
+def test_one_hot_rows_equal_scaled_matrix_rows_exactly(strategy, precision, kind, batch, k, n):
+    """g[b] = e_{row(b)}: every product but one is 0 and the other is +-1 * R (exact in every
+    operand type), every sum exact, so out[b] must be scale * R[row(b)] bit for bit, in every
+    precision and strategy, whatever the tiling, splits, flushes or chunks (an element summed
+    twice, missed or misplaced changes the bits)."""
+    rows = torch.randint(0, n, (batch,), generator=torch.Generator().manual_seed(batch + n))
+    g = torch.zeros(batch, n, device="cuda")
+    g[torch.arange(batch, device="cuda"), rows.cuda()] = 1.0
+    scale = 0.37
+    out = trak_fast.project(g, k, seed=7, kind=kind, scale=scale, precision=precision)
+    r = trak_fast.projection_matrix(n, k, seed=7, kind=kind, scale=scale, device="cuda")
+    expected = r[rows.cuda()]
+    if kind == "gaussian" and precision != "fp32":
+        # Gaussian entries are rounded to the operand type first; the product of a rounded
+        # entry and the scale is then one float32 rounding, as for r.
+        unscaled = trak_fast.projection_matrix(n, k, seed=7, kind=kind, scale=1.0, device="cuda")
+        expected = round_operand(unscaled[rows.cuda()], precision) * scale
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("strategy", ["gemm"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,k,n", [(130, 300, 40000), (256, 4100, 3000), (3, 129, 16385)])
+def test_gemm_strategy_matches_float64_reference(strategy, dtype, batch, k, n):
+    """Several row chunks (n > 16384), several column blocks (k > 4096), ragged edges."""
+    torch.manual_seed(batch + k + n)
+    g = torch.randn(batch, n, device="cuda").to(dtype)
+    delta = project_into_poison(g, k, seed=3, precision="bf16")
+    rounded = reference(g.float(), k, seed=3, rounded_for="bf16")
+    assert rel_err(delta, rounded) < ROUNDED_TOL["bf16"]
+    assert_close_elementwise(delta, rounded)
+    assert rel_err(delta, reference(g.float(), k, seed=3)) < EXACT_TOL["bf16"]
+
+
+@pytest.mark.parametrize("strategy", ["gemm"], indirect=True)
+@pytest.mark.parametrize("layout", ["strided_features", "transposed", "row_slice"])
+def test_gemm_strategy_non_contiguous_inputs(strategy, layout):
+    g = _layouts()[layout]
+    delta = project_into_poison(g, 300, seed=4, precision="bf16")
+    rounded = reference(g.contiguous(), 300, seed=4, rounded_for="bf16")
+    assert rel_err(delta, rounded) < ROUNDED_TOL["bf16"]
+    assert_close_elementwise(delta, rounded)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
+def test_strategies_deterministic(strategy):
+    g = torch.randn(256, 40000, device="cuda")
+    a = trak_fast.project(g, 1000, seed=1, precision="bf16")
+    b = trak_fast.project(g, 1000, seed=1, precision="bf16")
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)
+
+
+def test_strategy_rule_is_shape_only(monkeypatch):
+    """auto = gemm for bf16 at B >= 128 and k >= 256, fused otherwise (project_cuda.cu)."""
+    def run(batch, k, forced):
+        g = torch.randn(batch, 5000, device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
+        monkeypatch.setenv("TRAK_FAST_CUDA_STRATEGY", forced)
+        return trak_fast.project(g, k, seed=2, precision="bf16")
+    for batch, k, expected in [(128, 256, "gemm"), (127, 4096, "fused"), (1000, 255, "fused")]:
+        auto = run(batch, k, "auto")
+        other = "fused" if expected == "gemm" else "gemm"
+        assert torch.equal(auto, run(batch, k, expected))
+        assert not torch.equal(auto, run(batch, k, other))  # the two really differ in the bits
+
+
+def test_strategy_variable_checked(monkeypatch):
+    monkeypatch.setenv("TRAK_FAST_CUDA_STRATEGY", "cublas")
+    with pytest.raises(RuntimeError, match="TRAK_FAST_CUDA_STRATEGY"):
+        trak_fast.project(torch.randn(4, 100, device="cuda"), 64)
 
 
 # ---- project: accuracy per precision, odd shapes --------------------------------------------

@@ -115,7 +115,8 @@ def _resume_and_compare(store, tmp_path, checkpoint, x, y, finished):
     resumed = TRAK(store, digits.make_mlp(16), train_size=N_TRAIN, proj_dim=PROJ_DIM, task=task,
                    progress=False)
     resumed.featurize(checkpoint, digits.batches(x, y, BATCH), model_id=0)
-    assert task.calls == (~finished).reshape(-1, BATCH).all(axis=1).sum()  # only unfinished batches
+    # Only unfinished batches, plus the up-front forward check of the first batch.
+    assert task.calls == (~finished).reshape(-1, BATCH).all(axis=1).sum() + 1
 
     whole = TRAK(tmp_path / "whole", digits.make_mlp(16), train_size=N_TRAIN, proj_dim=PROJ_DIM,
                  progress=False)
@@ -224,10 +225,16 @@ def test_trak_class_equals_attribute_and_protects_results(setup, tmp_path):
 def test_wrong_number_of_train_rows_raises(setup, tmp_path):
     model, checkpoints, (x, y, _, _), _ = setup
     trak = TRAK(tmp_path, model, train_size=N_TRAIN, proj_dim=8, progress=False)
-    with pytest.raises(ValueError, match="train yielded 0 examples.*empty loader"):
+    with pytest.raises(ValueError, match=r"train holds 0 examples \(0 batches\)"):
         trak.featurize(checkpoints[0], [], model_id=0)
-    with pytest.raises(ValueError, match="more than train_size = 200"):
+    with pytest.raises(ValueError, match=r"train holds 400 examples \(4 batches\), but train_size = 200"):
         trak.featurize(checkpoints[0], digits.batches(torch.cat([x, x]), torch.cat([y, y])), model_id=0)
+    # A generator has no length: the count is found while featurizing.
+    one_shot = (batch for batch in digits.batches(torch.cat([x, x]), torch.cat([y, y])))
+    with pytest.raises(ValueError, match="more than train_size = 200"):
+        trak.featurize(checkpoints[0], one_shot, model_id=0)
+    with pytest.raises(ValueError, match="train yielded 0 examples.*empty loader"):
+        trak._write_train_features(trak._featurizer(checkpoints[0], 0), [], 0)
     with pytest.raises(ValueError, match="not fully featurized"):
         trak.finalize([0])
 
@@ -275,7 +282,7 @@ def test_two_openers_featurizing_different_models_keep_both(setup, tmp_path):
     a.featurize(checkpoints[0], train, model_id=0)       # already featurized: a no-op
     assert _metadata(tmp_path) == before
     assert before["models"].keys() == {"0", "1"}
-    assert all(entry["kernel"] is not None for entry in before["models"].values())
+    assert all(entry["kernels"] for entry in before["models"].values())
     assert before["experiments"]["val"]["scores"]["model_ids"] == [0, 1]
     np.testing.assert_array_equal(a.load_scores("val"), scores)
 
@@ -359,11 +366,13 @@ def test_all_zero_train_features_raise_in_finalize_and_score(setup, tmp_path):
     with pytest.raises(ValueError, match="model_id 0: every train feature is zero: the task output "
                                          r"does not depend on the differentiated parameters \(check grad_wrt"):
         trak.finalize()
-    assert _metadata(tmp_path)["models"]["0"]["kernel"] is None
+    assert not _metadata(tmp_path)["models"]["0"]["kernels"]
 
-    # A zero kernel finalized by an older version is refused when scoring, too.
-    np.save(tmp_path / "model_0" / "kernel.npy", np.zeros((8, 8)))
-    trak.store.update(lambda metadata: metadata["models"]["0"].update(kernel={"form": "primal"}))
+    # A zero kernel on disk (written by other means) is refused when scoring, too.
+    np.save(tmp_path / "model_0" / "kernel_full_out_to_loss_0.npy", np.zeros((8, 8)))
+    trak.store.update(lambda metadata: metadata["models"]["0"]["kernels"].update(
+        {"full/out_to_loss": [{"layer": "all", "start": 0, "stop": 8, "form": "primal",
+                               "file": "kernel_full_out_to_loss_0.npy"}]}))
     trak.featurize_targets("val", model.state_dict(), digits.batches(xt, yt), model_id=0)
     with pytest.raises(ValueError, match="every train feature is zero"):
         trak.score("val")
@@ -382,7 +391,7 @@ def test_temp_files_of_dead_processes_are_removed_on_open(setup, tmp_path, monke
     # An exception (or Ctrl-C) inside score removes its own temporary file.
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("trak_fast.trak.model_scores", fail)
+    monkeypatch.setattr("trak_fast.trak.block_scores", fail)
     with pytest.raises(KeyboardInterrupt):
         trak.score("val")
     monkeypatch.undo()
@@ -403,4 +412,4 @@ def test_temp_files_of_dead_processes_are_removed_on_open(setup, tmp_path, monke
     live.unlink()
     trak.score("val")
     assert sorted(p.name for p in (tmp_path / "experiment_val").iterdir()) == \
-        ["scores.npy", "targets_0.npy"]
+        ["examples.npy", "scores.npy", "targets_0.npy"]

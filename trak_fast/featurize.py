@@ -5,29 +5,38 @@ For checkpoint ``m`` with parameters ``theta_m`` and train example ``z``::
     phi_m(z) = P_m^T grad_theta f(z; theta_m)        # [k], P_m = R_m / sqrt(k)
     Q_m(z)   = -d loss / d f  at z                   # out-to-loss weight
 
-``grad_theta f`` comes from ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call``
-that runs the caller's module with the checkpoint's tensors. The module is never modified
-(its train/eval flags are switched to eval for the call and restored). The per-parameter
-gradients go to :func:`trak_fast.project` as a list, so no ``[B, p]`` copy is ever made;
-``P_m`` is the matrix of seed ``model_seed(seed, m)``.
+The per-example gradients come from :mod:`trak_fast.gradients`: module hooks in one batched
+backward pass for ``nn.Linear``, ``nn.Conv2d`` and transformers' ``Conv1D`` layers, and
+``torch.func.vmap(grad(...))`` for every other parameter (``gradients="auto"``). Both run the
+caller's module with the checkpoint's tensors through ``functional_call``; the module is never
+modified (its train/eval flags are switched to eval for the call and restored, hooks removed).
+The per-parameter gradients go to :func:`trak_fast.project` at their parameter's rows of P, so
+no ``[B, p]`` copy is ever made; ``P_m`` is the matrix of seed ``model_seed(seed, m)``.
+``projection="factored"`` replaces the dense ``P_m^T vec(G)`` by per-layer
+``vec(P_out^T G P_in)`` (:mod:`trak_fast.gradients.factored`).
 
-Memory: per-example gradients of a group of parameters take ``B x p_group`` elements. When
-``B x p`` exceeds ``grad_memory`` bytes, the parameters are split into consecutive groups
-(each its own forward/backward pass, projected into the same output with its
-``feature_offset``), and a group larger than the budget on its own is run on slices of the
-batch. Parameters outside ``grad_wrt`` are passed as constants, so their gradients are never
+Memory: per-example gradients of a group of parameters take ``B x p_group`` elements. The
+hook path forms one parameter's at a time, in slices of the batch of at most ``grad_memory``
+bytes; the vmap path cuts the parameters into consecutive groups within ``grad_memory``
+(each its own forward/backward pass) and runs a group larger than the budget on its own on
+slices of the batch. Parameters outside ``grad_wrt`` are constants: their gradients are never
 computed.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from .projection import model_seed, project
+from .gradients import PROJECTIONS, GradientPlan, TrackedModule, check_choice, plan_gradients
+from .gradients.factored import FactoredMatrices, check_factored_dims, factored_layout, name_seed
+from .layout import FeatureBlock, layer_blocks, layer_of, parameter_layout, per_layer_dims
+from .gradients.hooks import LayerTap, backward_through_taps, tapped
+from .gradients.vmap import parameter_groups, per_example_grads, slice_batch
+from .projection import _check_kind, _check_nnz, model_seed, project
 from .tasks import Task, get_task
 
 Batch = Any
@@ -35,13 +44,28 @@ Device = Union[str, torch.device]
 
 #: Bytes one group of per-example gradients (``B x p_group`` elements) may take.
 DEFAULT_GRAD_MEMORY = 1 << 30
+#: ``(k_out, k_in)`` per layer of ``projection="factored"`` (bergson's and LoGra's 16 x 16).
+DEFAULT_FACTORED_DIMS = (16, 16)
 
 
-class Features(NamedTuple):
-    """One checkpoint's train features: ``phi [n, k]`` and out-to-loss weights ``out_to_loss [n]``."""
+class Features:
+    """One checkpoint's train features: ``phi [n, k]``, out-to-loss weights ``out_to_loss [n]``
+    (``None`` when not requested) and ``layout``, the :class:`~trak_fast.layout.FeatureBlock`
+    of each group of columns. Unpacks as ``phi, out_to_loss = features``."""
 
-    phi: torch.Tensor
-    out_to_loss: Optional[torch.Tensor]
+    __slots__ = ("phi", "out_to_loss", "layout")
+
+    def __init__(self, phi: torch.Tensor, out_to_loss: Optional[torch.Tensor],
+                 layout: Sequence[FeatureBlock] = ()):
+        self.phi, self.out_to_loss, self.layout = phi, out_to_loss, list(layout)
+
+    def __iter__(self):
+        return iter((self.phi, self.out_to_loss))
+
+    def __repr__(self) -> str:
+        return (f"Features(phi={tuple(self.phi.shape)}, out_to_loss="
+                f"{None if self.out_to_loss is None else tuple(self.out_to_loss.shape)}, "
+                f"{len(self.layout)} blocks)")
 
 
 def _check_proj_dim(proj_dim: Optional[int]) -> None:
@@ -109,69 +133,128 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    return pytree.tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, batch)
+class FeatureSpec:
+    """What the features of a model are, before any checkpoint is seen.
 
+    ``plan`` (which parameters take hooks or vmap), ``grad_names`` (the differentiated
+    parameters, model order), ``num_grad_params``, ``proj_dim`` (``None`` for raw gradients
+    and for the factored projection), ``num_features`` (``k``), ``offsets`` (where each
+    parameter starts: its first row of P for a dense projection, its first column otherwise)
+    and ``layout``: the :class:`FeatureBlock` of each parameter (raw, factored) or one block
+    ``"dense"``.
+    """
 
-def _groups(sizes: Sequence[int], max_elements: int) -> List[List[int]]:
-    """Consecutive parameter groups whose total size is at most ``max_elements`` (>= 1 each)."""
-    groups: List[List[int]] = []
-    current: List[int] = []
-    total = 0
-    for index, size in enumerate(sizes):
-        if current and total + size > max_elements:
-            groups.append(current)
-            current, total = [], 0
-        current.append(index)
-        total += size
-    if current:
-        groups.append(current)
-    return groups
+    def __init__(self, model: torch.nn.Module, task: Task, *, proj_dim: Optional[int],
+                 grad_wrt: Optional[Sequence[str]], gradients: str, projection: str,
+                 factored_dims: Optional[Sequence[int]]):
+        _check_proj_dim(proj_dim)
+        self.factored_dims = resolve_factored_dims(projection, factored_dims)
+        self.plan = plan_gradients(model, grad_param_names(model, grad_wrt), task=task,
+                                   gradients=gradients, projection=projection,
+                                   explicit_grad_wrt=grad_wrt is not None)
+        order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+        self.grad_names = sorted(self.plan.hooked + self.plan.vmapped, key=order.__getitem__)
+        sizes = dict((name, p.numel()) for name, p in model.named_parameters())
+        self.num_grad_params = sum(sizes[n] for n in self.grad_names)
+        if projection == "factored":
+            self.proj_dim = None
+            self.layout = factored_layout(self.grad_names, self.plan.roles, self.factored_dims)
+        else:
+            self.proj_dim = proj_dim
+            self.layout = parameter_layout(self.grad_names, [sizes[n] for n in self.grad_names])
+        # Where each parameter starts: its first row of P (dense), of its layer's P_l
+        # (per_layer), or its first column (raw, factored).
+        self.offsets = {block.name: block.start for block in self.layout}
+        self.num_features = self.layout[-1].stop
+        #: per_layer: layer -> (first column, last column + 1) of its block.
+        self.layer_columns: Dict[str, Tuple[int, int]] = {}
+        if projection == "per_layer":
+            if proj_dim is None:
+                raise ValueError("projection='per_layer' splits proj_dim over the layers; "
+                                 "got proj_dim=None (raw gradients are already per layer)")
+            layers = layer_blocks(self.layout)
+            dims = per_layer_dims({b.layer: b.stop - b.start for b in layers}, proj_dim)
+            if len(dims) != len(layers):
+                raise ValueError("projection='per_layer' needs each layer's parameters to be "
+                                 "consecutive in the model's parameter order")
+            self.offsets = {b.name: b.start - next(l.start for l in layers if l.layer == b.layer)
+                            for b in self.layout}
+            self.layout, column = [], 0
+            for block in layers:
+                k_l = dims[block.layer]
+                self.layout.append(FeatureBlock(block.layer, column, column + k_l, block.layer))
+                self.layer_columns[block.layer] = (column, column + k_l)
+                column += k_l
+            self.num_features = proj_dim
+        elif self.proj_dim is not None:
+            self.num_features = self.proj_dim
+            self.layout = [FeatureBlock("dense", 0, self.proj_dim, "dense")]
 
 
 class Featurizer:
     """Computes ``(phi [B, k], Q [B])`` for batches under one checkpoint.
 
     Args:
-        model: the module whose forward defines the model; never modified.
+        model: the module whose forward defines the model; never modified (hooks, when used,
+            are removed on exit, exceptions included).
         checkpoint: its state_dict (parameters and persistent buffers).
         task: a :class:`~trak_fast.Task` or a built-in task name.
-        proj_dim: ``k``; ``None`` keeps the raw gradients (``k = p``, parameter order).
+        proj_dim: ``k`` of the dense projection; ``None`` keeps the raw gradients (``k = p``,
+            parameter order). Not used by ``projection="factored"``.
         kind, seed, model_id: the projection matrix ``P_m``, seed ``model_seed(seed, model_id)``.
+        nnz: nonzeros per row for ``kind="sparse"`` (dense projection only).
         grad_wrt: names of the parameters to differentiate (``None``: all), in model order.
         device: where gradients are computed (``None``: the model's parameter device).
         grad_memory: bytes one group of per-example gradients may take.
+        gradients: ``"auto"`` (hooks where they apply), ``"hooks"`` or ``"vmap"``; see
+            :func:`trak_fast.gradients.plan_gradients`. Both give the same features up to
+            float32 rounding.
+        projection: ``"dense"`` (``P_m^T vec(grad)``) or ``"factored"`` (per layer
+            ``vec(P_out^T G P_in)``, see :mod:`trak_fast.gradients.factored`).
+        factored_dims: ``(k_out, k_in)`` per layer for ``projection="factored"``.
+
+    ``num_features`` is ``k``; ``layout`` lists the :class:`FeatureBlock` of each parameter
+    (its name and columns) for the factored projection and raw gradients, and one block
+    ``"dense"`` for a dense projection.
     """
 
     def __init__(self, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], *,
                  task: Union[str, Task] = "classification", proj_dim: Optional[int] = 2048,
                  kind: str = "rademacher", seed: int = 0, model_id: int = 0,
                  grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
-                 grad_memory: int = DEFAULT_GRAD_MEMORY):
+                 grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
+                 projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
+                 nnz: int = 4):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_proj_dim(proj_dim)
         _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
-        self.proj_dim = proj_dim
         self.kind = kind
+        self.nnz = nnz
         self.seed = model_seed(seed, model_id)
         self.device = torch.device(device) if device is not None else model_device(model)
         self.grad_memory = grad_memory
         self.params, self.buffers = checkpoint_tensors(model, checkpoint, self.device,
                                                        where=f"checkpoint {model_id}")
-        self.grad_names = grad_param_names(model, grad_wrt)
-        self.grad_sizes = [self.params[n].numel() for n in self.grad_names]
-        self.offsets = [0]
-        for size in self.grad_sizes:
-            self.offsets.append(self.offsets[-1] + size)
-        self.num_grad_params = self.offsets[-1]
-        self.num_features = proj_dim if proj_dim is not None else self.num_grad_params
+        self.projection = projection
+        spec = FeatureSpec(model, self.task, proj_dim=proj_dim, grad_wrt=grad_wrt,
+                           gradients=gradients, projection=projection, factored_dims=factored_dims)
+        kind_id = _check_kind(kind)
+        if spec.proj_dim is not None:
+            _check_nnz(nnz, kind_id, spec.proj_dim)
+        if kind == "sparse" and projection == "factored":
+            raise ValueError("kind='sparse' is a dense projection kind; projection='factored' "
+                             "takes kind='rademacher' or 'gaussian'")
+        self.plan, self.factored_dims = spec.plan, spec.factored_dims
+        self.grad_names, self.num_grad_params = spec.grad_names, spec.num_grad_params
+        self.proj_dim, self.num_features, self.layout = spec.proj_dim, spec.num_features, spec.layout
+        self.offsets, self.layer_columns = spec.offsets, spec.layer_columns
         self.dtype = (torch.float64 if any(self.params[n].dtype == torch.float64
                                            for n in self.grad_names) else torch.float32)
-        if proj_dim is not None:
-            project([torch.zeros(1, 1)], proj_dim, seed=self.seed, kind=kind)  # validates kind
+        if projection == "factored":
+            self.matrices = FactoredMatrices(self.seed, kind, self.factored_dims, self.plan.dims,
+                                             self.device, self.dtype)
 
     def _model_fn(self, params: Mapping[str, torch.Tensor]):
         def run(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -184,41 +267,135 @@ class Featurizer:
             q = self.task.out_to_loss(self._model_fn(self.params), batch)
         return q.detach().reshape(-1).float()
 
-    def _grads(self, group: List[str], batch: Batch) -> Dict[str, torch.Tensor]:
-        """Per-example gradients ``{name: [B, *shape]}`` of ``f`` w.r.t. the group only."""
-        frozen = {n: t for n, t in self.params.items() if n not in group}
-        task = self.task
+    # ---- writing gradients into the features -------------------------------------------------
 
-        def output(wrt: Dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
-            return task.output(self._model_fn({**frozen, **wrt}), example)
+    def _emit(self, grad: torch.Tensor, name: str, phi: torch.Tensor, start: int, stop: int) -> None:
+        """Adds the per-example gradients ``grad [rows, ...]`` of parameter ``name`` into
+        ``phi[start:stop]``: projected at the parameter's rows of P, or as raw columns."""
+        if self.proj_dim is None:
+            column = self.offsets[name]
+            width = grad[0].numel()
+            phi[start:stop, column:column + width] += grad.reshape(stop - start, width).to(phi.dtype)
+        elif self.layer_columns:
+            layer = layer_of(name)
+            c0, c1 = self.layer_columns[layer]
+            phi[start:stop, c0:c1] += project([grad], c1 - c0, seed=name_seed(self.seed, layer),
+                                              kind=self.kind, nnz=self.nnz,
+                                              feature_offset=self.offsets[name])
+        else:
+            project([grad], self.proj_dim, seed=self.seed, kind=self.kind, nnz=self.nnz,
+                    feature_offset=self.offsets[name], out=phi[start:stop])
 
-        wrt = {n: self.params[n] for n in group}
-        return torch.func.vmap(torch.func.grad(output), in_dims=(None, 0), randomness="error")(wrt, batch)
+    def _budget(self) -> int:
+        return max(1, self.grad_memory // (8 if self.dtype == torch.float64 else 4))
+
+    def _vmap_features(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> None:
+        names = self.plan.vmapped
+        # torch.func forms each use's gradient of a tied parameter before summing them, so a
+        # parameter registered in u modules counts u times against the budget.
+        sizes = [self.params[n].numel() * self.plan.uses[n] for n in names]
+        budget = self._budget()
+        for group in parameter_groups(sizes, max(1, budget // batch_size)):
+            group_names = [names[i] for i in group]
+            rows = max(1, min(batch_size, budget // sum(sizes[i] for i in group)))
+            for start in range(0, batch_size, rows):
+                stop = min(batch_size, start + rows)
+                part = batch if (start, stop) == (0, batch_size) else slice_batch(batch, start, stop)
+                grads = per_example_grads(self._model_fn, self.task, self.params, group_names, part)
+                if self.proj_dim is None or self.layer_columns:
+                    for name in group_names:
+                        self._emit(grads[name], name, phi, start, stop)
+                    del grads
+                    continue
+                # One call per run of parameters that are consecutive rows of P (hooked
+                # parameters between them break a run).
+                for run in self._consecutive_runs(group_names):
+                    project([grads[n] for n in run], self.proj_dim, seed=self.seed,
+                            kind=self.kind, nnz=self.nnz, feature_offset=self.offsets[run[0]],
+                            out=phi[start:stop])
+                del grads       # before the next slice's gradients exist
+
+    def _consecutive_runs(self, names: List[str]) -> List[List[str]]:
+        runs: List[List[str]] = []
+        for name in names:
+            previous = runs[-1][-1] if runs else None
+            if previous is not None and \
+                    self.offsets[previous] + self.params[previous].numel() == self.offsets[name]:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        return runs
+
+    def _taps(self, phi: torch.Tensor, batch_size: int) -> List[LayerTap]:
+        taps = []
+        for tracked in self.plan.modules:
+            if self.projection == "factored":
+                taps.append(self._factored_tap(tracked, phi))
+            else:
+                taps.append(self._dense_tap(tracked, phi, batch_size))
+        return taps
+
+    def _dense_tap(self, tracked: TrackedModule, phi: torch.Tensor, batch_size: int) -> LayerTap:
+        """Exact per-example gradients of one layer, in row chunks within ``grad_memory``."""
+        adapter, budget = tracked.adapter, self._budget()
+
+        def on_grad(inputs: torch.Tensor, grad: torch.Tensor) -> None:
+            for role, name in tracked.params:
+                rows = max(1, min(batch_size, budget // self.params[name].numel()))
+                for start in range(0, batch_size, rows):
+                    stop = min(batch_size, start + rows)
+                    g = (adapter.weight_grad(inputs[start:stop], grad[start:stop])
+                         if role == "weight" else adapter.bias_grad(grad[start:stop]))
+                    self._emit(g, name, phi, start, stop)
+                    del g       # before the next chunk exists: one chunk at a time
+        return LayerTap(tracked.module, adapter, lambda inputs: inputs, on_grad)
+
+    def _factored_tap(self, tracked: TrackedModule, phi: torch.Tensor) -> LayerTap:
+        """``P_in^T a`` in the forward pass, ``P_out^T delta`` and their product in the backward."""
+        adapter = tracked.adapter
+        p_out, p_in = self.matrices.p_out[tracked.key], self.matrices.p_in[tracked.key]
+        wants_weight = any(role == "weight" for role, _ in tracked.params)
+
+        def on_input(inputs: torch.Tensor) -> Optional[torch.Tensor]:
+            return adapter.project_tokens(inputs, p_in) if wants_weight else None
+
+        def on_grad(a_in: Optional[torch.Tensor], grad: torch.Tensor) -> None:
+            d_out = adapter.output_grads(grad).to(p_out.dtype) @ p_out           # [B, T, k_out]
+            for role, name in tracked.params:
+                start = self.offsets[name]
+                if role == "weight":
+                    block = torch.bmm(d_out.transpose(1, 2), a_in)               # [B, k_out, k_in]
+                else:
+                    block = d_out.sum(1)                                         # [B, k_out]
+                width = block[0].numel()
+                phi[:, start:start + width] += block.reshape(block.shape[0], width).to(phi.dtype)
+        return LayerTap(tracked.module, adapter, on_input, on_grad)
+
+    def _hook_features(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> torch.Tensor:
+        """One batched forward and backward pass; returns ``Q`` from the same forward."""
+        with tapped(self._taps(phi, batch_size), self.device) as anchor, torch.enable_grad():
+            f, q = self.task.batched_outputs_and_out_to_loss(self._model_fn(self.params), batch)
+            if not isinstance(f, torch.Tensor) or f.shape != (batch_size,):
+                raise ValueError(f"task.outputs must return shape [{batch_size}], got "
+                                 f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+            backward_through_taps(f.sum(), anchor)
+        return q.detach().reshape(-1).float()
+
+    def features_and_out_to_loss(self, batch: Batch, batch_size: int
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(phi [B, k], Q [B])`` for one batch: the hook pass, then the vmap groups."""
+        phi = torch.zeros(batch_size, self.num_features, dtype=self.dtype, device=self.device)
+        if self.plan.hooked:
+            q = self._hook_features(batch, batch_size, phi)
+        else:
+            q = self.out_to_loss(batch)     # first: validates the batch against the model cheaply
+        if self.plan.vmapped:
+            self._vmap_features(batch, batch_size, phi)
+        return phi, q
 
     def features(self, batch: Batch, batch_size: int) -> torch.Tensor:
         """``phi [B, k]``: the projected (or raw) per-example gradients of one batch."""
-        phi = torch.zeros(batch_size, self.num_features, dtype=self.dtype, device=self.device)
-        element_bytes = 8 if self.dtype == torch.float64 else 4
-        budget = max(1, self.grad_memory // element_bytes)
-        for group in _groups(self.grad_sizes, max(1, budget // batch_size)):
-            names = [self.grad_names[i] for i in group]
-            offset = self.offsets[group[0]]
-            rows = max(1, min(batch_size, budget // sum(self.grad_sizes[i] for i in group)))
-            for start in range(0, batch_size, rows):
-                stop = min(batch_size, start + rows)
-                part = batch if (start, stop) == (0, batch_size) else _slice(batch, start, stop)
-                grads = self._grads(names, part)
-                pieces = [_dense(grads[n].detach()) for n in names]
-                if self.proj_dim is None:
-                    column = offset
-                    for piece in pieces:
-                        width = piece[0].numel()
-                        phi[start:stop, column:column + width] = piece.reshape(stop - start, width)
-                        column += width
-                else:
-                    project(pieces, self.proj_dim, seed=self.seed, kind=self.kind,
-                            feature_offset=offset, out=phi[start:stop])
-        return phi
+        return self.features_and_out_to_loss(batch, batch_size)[0]
 
     def __call__(self, batch: Batch, *, where: str = "batch",
                  out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -229,10 +406,7 @@ class Featurizer:
         batch = to_device(batch, self.device)
         with eval_mode(self.model):
             try:
-                # Q is computed even when not wanted: its batched forward pass is cheap and
-                # lets the task validate the batch against the model (e.g. label range).
-                q = self.out_to_loss(batch)
-                phi = self.features(batch, size)
+                phi, q = self.features_and_out_to_loss(batch, size)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from exc
             except RuntimeError as exc:
@@ -244,18 +418,16 @@ class Featurizer:
         return phi, (q if out_to_loss else None)
 
 
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` with its own memory for every element.
-
-    ``torch.func.grad`` returns the gradient of a parameter the output does not depend on (one
-    outside the forward, or behind a ``detach``) as zeros expanded with stride 0. Such a tensor
-    overlaps itself, and ``project`` refuses inputs whose overlap with ``out`` it cannot rule
-    out; the copy is no larger than an ordinary gradient. The all-zero features that result
-    are then reported by :func:`trak_fast.kernel.check_kernel`.
-    """
-    if any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape)):
-        return grad.contiguous()
-    return grad
+def resolve_factored_dims(projection: str, factored_dims: Optional[Sequence[int]]
+                          ) -> Optional[Tuple[int, int]]:
+    """``factored_dims`` checked: required pair for ``"factored"``, absent for ``"dense"``."""
+    check_choice("projection", projection, PROJECTIONS)
+    if projection != "factored":
+        if factored_dims is not None:
+            raise ValueError("factored_dims is only used with projection='factored', got "
+                             f"factored_dims={factored_dims!r} with projection={projection!r}")
+        return None
+    return check_factored_dims(DEFAULT_FACTORED_DIMS if factored_dims is None else factored_dims)
 
 
 def _shapes(batch: Batch) -> List[Tuple[int, ...]]:
@@ -306,33 +478,50 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
               proj_dim: Optional[int] = 2048, kind: str = "rademacher", seed: int = 0,
               model_id: int = 0, grad_wrt: Optional[Sequence[str]] = None,
               device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
-              progress: bool = False, out_to_loss: bool = True, what: str = "train") -> Features:
+              gradients: str = "auto", projection: str = "dense",
+              factored_dims: Optional[Sequence[int]] = None,
+              progress: bool = False, out_to_loss: bool = True, what: str = "train",
+              before_batch: Optional[Callable[[str, int, Batch], None]] = None,
+              nnz: int = 4) -> Features:
     """Features of every example in ``batches`` under one checkpoint, in memory.
 
     Returns ``Features(phi [n, k], out_to_loss [n])`` on the CPU: ``phi`` float32 (float64 for
     a float64 model), ``phi[i] = P_m^T grad f(z_i)`` with ``P_m`` scaled by ``1/sqrt(k)`` so
     that ``E ||phi_i||^2 = ||grad f(z_i)||^2``; raw gradients when ``proj_dim=None``.
     ``out_to_loss`` is ``None`` when not requested. A gradient dot product baseline is
-    ``featurize(...).phi @ target_features(...).T``.
+    ``featurize(...).phi @ target_features(...).T``. ``gradients``, ``projection`` and
+    ``factored_dims`` as in :class:`Featurizer`.
+
+    ``before_batch(where, first_row, batch)``, if given, is called before each batch is
+    featurized (e.g. a :class:`trak_fast.fingerprint.Ledger` that raises on a reordered loader).
     """
+    from .checks import compute_device     # here: checks imports this module
     featurizer = Featurizer(model, checkpoint, task=task, proj_dim=proj_dim, kind=kind, seed=seed,
-                            model_id=model_id, grad_wrt=grad_wrt, device=device,
-                            grad_memory=grad_memory)
+                            model_id=model_id, grad_wrt=grad_wrt,
+                            device=compute_device(model, device)
+                            if isinstance(model, torch.nn.Module) else device,
+                            grad_memory=grad_memory, gradients=gradients, projection=projection,
+                            factored_dims=factored_dims, nnz=nnz)
     phis: List[torch.Tensor] = []
     qs: List[torch.Tensor] = []
     shapes = None
+    rows = 0
     for index, batch in enumerate(_batches(batches, what, progress, _loader_length(batches))):
         where = f"{what} batch {index}"
         if featurizer.task.fixed_shapes:
             shapes = _check_same_shapes(batch, shapes, where)
+        if before_batch is not None:
+            featurizer.task.check_batch(batch, where)     # a malformed batch is reported as such
+            before_batch(where, rows, batch)
         phi, q = featurizer(batch, where=where, out_to_loss=out_to_loss)
+        rows += phi.shape[0]
         phis.append(phi.cpu())
         if q is not None:
             qs.append(q.cpu())
     if not phis:
         raise ValueError(f"{what} yielded no batches: expected an iterable of batches "
                          "(a list or a DataLoader that can be iterated again for every checkpoint)")
-    return Features(torch.cat(phis), torch.cat(qs) if out_to_loss else None)
+    return Features(torch.cat(phis), torch.cat(qs) if out_to_loss else None, featurizer.layout)
 
 
 def target_features(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],

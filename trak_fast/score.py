@@ -118,6 +118,9 @@ def model_scores(phi: ArrayLike, targets: torch.Tensor, kernel: Kernel, *, lambd
     if normalize_inverse:
         raise ValueError("ensemble='trak' needs the primal kernel Phi^T Phi [k, k]; this one is "
                          "the dual Gram matrix (k > n). Recompute it with form='primal'.")
+    if kernel.weights is not None:
+        return _weighted_dual_scores(phi, targets, kernel, lam, scale2, out, device, block_rows,
+                                     block_targets)
     # Dual: S = (G + lambda I)^-1 (a^2 Phi T^T), solved over all n rows per block of targets.
     for t0 in range(0, t, block_targets):
         t1 = min(t, t0 + block_targets)
@@ -127,6 +130,49 @@ def model_scores(phi: ArrayLike, targets: torch.Tensor, kernel: Kernel, *, lambd
             stop = min(n, start + block_rows)
             cross[start:stop] = rows(phi, start, stop, device, torch.float64) @ tb.T
         _add(out, 0, n, t0, t1, inverse.solve(cross * scale2))
+    return out
+
+
+def _weighted_dual_scores(phi, targets, kernel: Kernel, lam: float, scale2: float, out, device,
+                          block_rows: int, block_targets: int):
+    """``Phi (Phi^T D^2 Phi + lam I)^-1 T^T`` from the Gram matrix ``G = Phi Phi^T``, ``D^2 = W``.
+
+    By the Woodbury identity, with ``C = Phi T^T``::
+
+        S = (C - G D (D G D + lam I)^-1 D C) / lam
+
+    which needs only ``n x n`` matrices and never divides by a weight (some ``Q_i`` are ~0).
+    Requires ``lam > 0``.
+    """
+    if lam <= 0:
+        raise ValueError("a weighted kernel in the dual form (k > n) needs lambda > 0")
+    n = kernel.n
+    gram = kernel.matrix.to(device) * scale2
+    d = kernel.weights.to(device=device, dtype=torch.float64).sqrt()
+    inverse = RegularizedInverse(d[:, None] * gram * d[None, :], lam)
+    for t0 in range(0, targets.shape[0], block_targets):
+        t1 = min(targets.shape[0], t0 + block_targets)
+        cross = torch.empty(n, t1 - t0, dtype=torch.float64, device=device)
+        tb = targets[t0:t1].to(device=device, dtype=torch.float64)
+        for start in range(0, n, block_rows):
+            stop = min(n, start + block_rows)
+            cross[start:stop] = rows(phi, start, stop, device, torch.float64) @ tb.T
+        cross *= scale2
+        _add(out, 0, n, t0, t1, (cross - gram @ (d[:, None] * inverse.solve(d[:, None] * cross))) / lam)
+    return out
+
+
+def block_scores(phi: ArrayLike, targets: torch.Tensor, kernels, *, out, **kwargs):
+    """``S = sum_l Phi_l (K_l + lambda_l I)^-1 T_l^T`` over ``kernels = [(block, K_l)]``
+    (:func:`trak_fast.kernel.compute_kernels`), each block damped relative to its own trace.
+
+    With one block covering every column this is :func:`model_scores`. Each block's term is
+    invariant to rescaling that block's features, so every layer counts by how well its own
+    geometry predicts, not by the size of its gradients. Accumulates into ``out``.
+    """
+    for block, kernel in kernels:
+        model_scores(phi[:, block.start:block.stop], targets[:, block.start:block.stop], kernel,
+                     out=out, **kwargs)
     return out
 
 

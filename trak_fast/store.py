@@ -7,9 +7,11 @@ Layout of a store directory::
     .lock-model_<id>                    flock'ed while checkpoint <id> is being featurized
     model_<id>/features.npy             [n, k] float32 or float16   (phi_m, row i = train example i)
     model_<id>/out_to_loss.npy          [n] float32                 (Q_m)
+    model_<id>/examples.npy             [n, 2] uint64               (fingerprint of train example i)
     model_<id>/finished.npy             [n] uint8                   (1 = row i is written)
     model_<id>/kernel.npy               [k, k] or [n, n] float64    (finalized kernel)
     experiment_<name>/targets_<id>.npy  [t, k] float32              (target features, model id)
+    experiment_<name>/examples.npy      [t, 2] uint64               (fingerprint of target j)
     experiment_<name>/scores.npy        [n, t] float32              (the ensemble's scores)
 
 Concurrency. The normal TRAK workflow runs one job per checkpoint, all on one store, so
@@ -35,6 +37,19 @@ target features, scores) are written to a temporary name ``.<name>.tmp-<pid>...`
 temporary files left by processes that no longer exist (a killed ``score``) are deleted when
 the store is opened.
 
+Example fingerprints. ``examples.npy`` holds, per row, the ``(structure, content)`` hashes of
+:func:`trak_fast.fingerprint.example_hashes` (0 = no example recorded). A train row's hashes
+are written after its features and before its ``finished`` mark, so every finished row says
+which example it holds. A resume compares each batch with the finished rows it covers, a
+checkpoint with the finished rows of one reference checkpoint (the lowest fully featurized
+``model_id``, else the lowest with rows), and ``finalize`` every checkpoint with that
+reference, which also catches jobs that ran at the same time; an experiment's targets are recorded by its first
+``featurize_targets`` and compared by every later one. A mismatch raises
+:class:`~trak_fast.fingerprint.ExampleMismatchError` (a reordered or different loader), never
+silently pairs rows of different examples. A featurize that stops because the loader yielded
+more or fewer than ``train_size`` examples clears the ``finished`` marks (and hashes) of the
+rows it wrote, since which examples they hold is then unknown.
+
 Versioning. ``metadata.json`` records ``STORE_FORMAT_VERSION``; a store written with another
 version is refused with a clear error rather than misread.
 """
@@ -52,7 +67,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Unio
 import numpy as np
 
 #: Version of the layout above; bump it when the meaning of any file changes.
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2    # 2: examples.npy (example fingerprints)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: Temporary files written by _atomic_write_bytes / save_array_atomic / TRAK.score.
@@ -240,14 +255,16 @@ class Store:
         return self.path / f"model_{model_id}"
 
     def open_train_arrays(self, model_id: int, feature_dtype: str
-                          ) -> Tuple[np.memmap, np.memmap, np.memmap]:
-        """``(features [n, k], out_to_loss [n], finished [n])`` memmaps, created if needed."""
+                          ) -> Tuple[np.memmap, np.memmap, np.memmap, np.memmap]:
+        """``(features [n, k], out_to_loss [n], finished [n], examples [n, 2])`` memmaps,
+        created if needed (``finished.npy`` last)."""
         n, k = self.settings["train_size"], self.settings["num_features"]
         folder = self.model_dir(model_id)
         folder.mkdir(exist_ok=True)
-        paths = [folder / "features.npy", folder / "out_to_loss.npy", folder / "finished.npy"]
-        specs = [(feature_dtype, (n, k)), ("float32", (n,)), ("uint8", (n,))]
-        mode = "r+" if paths[2].exists() else "w+"
+        paths = [folder / "features.npy", folder / "out_to_loss.npy", folder / "examples.npy",
+                 folder / "finished.npy"]
+        specs = [(feature_dtype, (n, k)), ("float32", (n,)), ("uint64", (n, 2)), ("uint8", (n,))]
+        mode = "r+" if paths[-1].exists() else "w+"
         arrays = []
         for path, (dtype, shape) in zip(paths, specs):
             if mode == "w+":
@@ -259,7 +276,19 @@ class Store:
                     raise ValueError(f"{str(path)!r} holds {array.dtype} {array.shape}, expected "
                                      f"{np.dtype(dtype)} {shape}; the store is damaged")
             arrays.append(array)
-        return arrays[0], arrays[1], arrays[2]
+        return arrays[0], arrays[1], arrays[3], arrays[2]
+
+    def read_train_examples(self, model_id: int) -> Optional[np.ndarray]:
+        """Checkpoint ``model_id``'s example hashes ``[n, 2]``, 0 where a row is not finished
+        (``None`` if it has no train arrays yet). A copy: safe while its job keeps writing."""
+        folder = self.model_dir(model_id)
+        try:
+            finished = np.load(folder / "finished.npy", mmap_mode="r")
+            examples = np.array(np.load(folder / "examples.npy", mmap_mode="r"))
+        except FileNotFoundError:
+            return None
+        examples[np.asarray(finished) == 0] = 0
+        return examples
 
     def read_train_arrays(self, model_id: int) -> Tuple[np.memmap, np.memmap]:
         folder = self.model_dir(model_id)

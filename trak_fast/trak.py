@@ -21,23 +21,32 @@ store lock (see :mod:`trak_fast.store`), so jobs featurizing different ``model_i
 each other's work, and a second job featurizing the same ``model_id`` at the same time gets
 :class:`~trak_fast.store.StoreBusyError`. Settings are validated before anything is written,
 so a bad argument never leaves a store that later refuses the corrected one.
+
+Every train and target example is fingerprinted (:mod:`trak_fast.fingerprint`); a resume,
+another checkpoint or an experiment's later targets that see other examples, or the same in
+another order, raise instead of silently pairing rows of different examples.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, _batches, _check_grad_memory,
+from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, FeatureSpec, _batches,
+                        _check_grad_memory,
                         _check_proj_dim, _check_same_shapes,
-                        _loader_length, featurize, grad_param_names, model_device, num_grad_params)
-from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
-from .projection import _MAX_SEED, _check_int, _check_kind
-from .score import damping, finish_ensemble, model_scores, trak_feature_scale
+                        _loader_length, featurize, grad_param_names)
+from . import checks
+from .fingerprint import Ledger, check_rows, example_hashes, signature
+from .kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
+                     kernel_row_weights, resolve_kernel_weights)
+from .layout import FeatureBlock, layout_to_json
+from .projection import _MAX_SEED, _check_int, _check_kind, _check_nnz
+from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .store import Store, check_name, save_array_atomic, temp_path
 from .tasks import Task, get_task
 
@@ -57,6 +66,10 @@ def checkpoint_fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class _WrongLength(Exception):
+    """The train loader yielded more or fewer than train_size examples."""
 
 
 def _check_model_id(model_id: Any) -> int:
@@ -80,6 +93,9 @@ class TRAK:
             float16 rounding of the features, about 1e-3 relative).
         device: where to compute (``None``: the model's device).
         grad_memory: bytes for one group of per-example gradients.
+        gradients, projection, factored_dims: how per-example gradients are computed and
+            projected (see :class:`~trak_fast.Featurizer`); ``projection`` and
+            ``factored_dims`` are recorded in the store.
         progress: tqdm progress bars (``False``: quiet).
 
     ``proj_dim``, ``kind``, ``seed``, ``grad_wrt``, ``feature_dtype``, ``train_size``, the task's
@@ -92,7 +108,9 @@ class TRAK:
                  proj_dim: Optional[int] = 2048, kind: str = "rademacher", seed: int = 0,
                  grad_wrt: Optional[Sequence[str]] = None, feature_dtype: str = "float32",
                  device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
-                 progress: bool = True):
+                 gradients: str = "auto", projection: str = "dense",
+                 factored_dims: Optional[Sequence[int]] = None, progress: bool = True,
+                 nnz: int = 4):
         # Every setting is validated before the store is opened: the store records them on
         # creation, and a bad value written there would make the corrected call a mismatch.
         if not isinstance(model, torch.nn.Module):
@@ -102,26 +120,39 @@ class TRAK:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
         _check_proj_dim(proj_dim)
-        _check_kind(kind)
+        kind_id = _check_kind(kind)
+        if proj_dim is not None:
+            _check_nnz(nnz, kind_id, proj_dim)
         _check_int("seed", seed, 0, _MAX_SEED)
         _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
         self.proj_dim = proj_dim
         self.kind = kind
+        self.nnz = nnz
         self.seed = seed
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.feature_dtype = feature_dtype
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = checks.compute_device(model, device)
         self.grad_memory = grad_memory
         self.progress = progress
-        self.num_grad_params = num_grad_params(model, self.grad_wrt)
+        spec = FeatureSpec(model, self.task, proj_dim=proj_dim, grad_wrt=grad_wrt,
+                           gradients=gradients, projection=projection, factored_dims=factored_dims)
+        self.gradients = gradients
+        self.projection = projection
+        self.factored_dims = spec.factored_dims
+        self.num_grad_params = spec.num_grad_params
         settings = {
-            "train_size": train_size, "proj_dim": proj_dim, "kind": kind, "seed": seed,
+            "train_size": train_size, "proj_dim": spec.proj_dim, "kind": kind, "seed": seed,
             "grad_wrt": self.grad_wrt, "feature_dtype": feature_dtype, "task": self.task.name,
-            "num_grad_params": self.num_grad_params,
-            "num_features": proj_dim if proj_dim is not None else self.num_grad_params,
+            "num_grad_params": self.num_grad_params, "num_features": spec.num_features,
+            "projection": projection,
+            "factored_dims": None if spec.factored_dims is None else list(spec.factored_dims),
+            "layout": layout_to_json(spec.layout),
         }
+        if kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
+            settings["nnz"] = nnz
+        self.layout = spec.layout
         self.store = Store(save_dir, settings)
         self.train_size = train_size
         self.num_features = settings["num_features"]
@@ -130,8 +161,13 @@ class TRAK:
 
     def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, proj_dim=self.proj_dim,
-                          kind=self.kind, seed=self.seed, model_id=model_id,
-                          grad_wrt=self.grad_wrt, device=self.device, grad_memory=self.grad_memory)
+                          kind=self.kind, seed=self.seed, model_id=model_id, nnz=self.nnz,
+                          grad_wrt=self.grad_wrt, device=self.device, grad_memory=self.grad_memory,
+                          **self._gradient_settings())
+
+    def _gradient_settings(self) -> Dict[str, Any]:
+        return dict(gradients=self.gradients, projection=self.projection,
+                    factored_dims=self.factored_dims)
 
     def featurize(self, checkpoint: Mapping[str, torch.Tensor], train: Iterable[Batch], *,
                   model_id: int) -> None:
@@ -142,13 +178,21 @@ class TRAK:
         with bitwise the same features as one uninterrupted run (same loader, same device,
         same torch thread count: torch's own matmuls in the gradients round differently with
         other thread counts). ``train`` must yield the same ``train_size`` examples in the same
-        order every time. Other jobs may featurize other ``model_id``s of the store at the same
+        order every time, and as every other checkpoint of the store: each example is
+        fingerprinted, and a mismatch raises
+        :class:`~trak_fast.fingerprint.ExampleMismatchError` before the batch is computed.
+        Cheap mistakes are caught before any work (:mod:`trak_fast.checks`). Other jobs may featurize other ``model_id``s of the store at the same
         time; a concurrent featurize of this ``model_id`` raises
         :class:`~trak_fast.store.StoreBusyError`.
         """
         model_id = _check_model_id(model_id)
+        checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
+        train = checks.prepare_loader(train, "train", model=self.model,
+                                      run=checks.model_fn(self.model, checkpoint, self.device),
+                                      task=self.task, device=self.device, passes=1,
+                                      expected=self.train_size)
         fingerprint = checkpoint_fingerprint(checkpoint)
-        featurizer = self._featurizer(checkpoint, model_id)    # validates the checkpoint
+        featurizer = self._featurizer(checkpoint, model_id)
         # Held for the whole run: a second featurizer of this model_id fails fast rather than
         # writing the same rows (and racing on finished.npy) at the same time.
         with self.store.model_lock(model_id):
@@ -158,7 +202,7 @@ class TRAK:
                     raise ValueError(f"model_id {model_id} was featurized with a different "
                                      "checkpoint; use a new model_id or a new save_dir")
                 if entry is None:
-                    entry = {"checkpoint": fingerprint, "featurized": False, "kernel": None}
+                    entry = {"checkpoint": fingerprint, "featurized": False, "kernels": {}}
                     metadata["models"][str(model_id)] = entry
                 return entry
 
@@ -173,74 +217,178 @@ class TRAK:
 
     def _write_train_features(self, featurizer: Featurizer, train: Iterable[Batch],
                               model_id: int) -> None:
-        """The resumable loop of :meth:`featurize` (the caller holds the model's lock)."""
-        features, out_to_loss, finished = self.store.open_train_arrays(model_id, self.feature_dtype)
+        """The resumable loop of :meth:`featurize` (the caller holds the model's lock).
+
+        Every batch is fingerprinted (:mod:`trak_fast.fingerprint`) before any work and
+        compared with the finished rows it covers (a resume) and with the finished rows of
+        every other checkpoint; its hashes are written before its ``finished`` marks. If the
+        loader turns out to yield more or fewer than ``train_size`` examples, the rows this
+        call wrote are un-marked: which examples they hold is unknown.
+        """
+        features, out_to_loss, finished, examples = self.store.open_train_arrays(
+            model_id, self.feature_dtype)
+        own = np.array(examples)
+        own[np.asarray(finished) == 0] = 0
+        reference_id, reference = self._reference_examples(exclude=model_id)
+        start_over = (f"To featurize model_id {model_id} from scratch, delete "
+                      f"{str(self.store.model_dir(model_id))!r} and call featurize again "
+                      "(or use a new save_dir).")
 
         n, row, shapes = self.train_size, 0, None
+        written: List[Tuple[int, int]] = []      # row ranges this call marked finished
         loader = _batches(train, f"featurizing model {model_id}", self.progress, _loader_length(train))
-        for index, batch in enumerate(loader):
-            where = f"train batch {index}"
-            size = self.task.check_batch(batch, where)
-            if self.task.fixed_shapes:
-                shapes = _check_same_shapes(batch, shapes, where)
-            if row + size > n:
-                raise ValueError(f"train yielded more than train_size = {n} examples "
-                                 f"({row + size} by batch {index})")
-            if finished[row:row + size].all():
+        try:
+            for index, batch in enumerate(loader):
+                where = f"train batch {index}"
+                size = self.task.check_batch(batch, where)
+                if self.task.fixed_shapes:
+                    shapes = _check_same_shapes(batch, shapes, where)
+                if row + size > n:
+                    raise _WrongLength(f"train yielded more than train_size = {n} examples "
+                                       f"({row + size} by batch {index})")
+                hashes = example_hashes(batch, where)
+                now = signature(batch)
+                check_rows(hashes, own[row:row + size], where=where, first_row=row,
+                           against=f"the rows an earlier featurize of model_id {model_id} "
+                           "wrote (resume)", reference=own, start_over=start_over, now=now)
+                if reference is not None:
+                    check_rows(hashes, reference[row:row + size], where=where, first_row=row,
+                               against=f"the train examples of model_id {reference_id}",
+                               reference=reference, now=now, start_over="Every checkpoint must "
+                               "see the train examples in the order of the first one.")
+                if finished[row:row + size].all():
+                    row += size
+                    continue
+                phi, q = featurizer(batch, where=where)
+                features[row:row + size] = phi.cpu().numpy()
+                out_to_loss[row:row + size] = q.cpu().numpy()
+                features.flush()
+                out_to_loss.flush()
+                examples[row:row + size] = hashes
+                examples.flush()
+                written.append((row, row + size))
+                finished[row:row + size] = 1       # only after the rows themselves are written
+                finished.flush()
                 row += size
-                continue
-            phi, q = featurizer(batch, where=where)
-            features[row:row + size] = phi.cpu().numpy()
-            out_to_loss[row:row + size] = q.cpu().numpy()
-            features.flush()
-            out_to_loss.flush()
-            finished[row:row + size] = 1       # only after the rows themselves are written
+            if row != n:
+                raise _WrongLength(f"train yielded {row} examples, the store expects train_size = {n}"
+                                   + (" (an empty loader?)" if row == 0 else ""))
+        except _WrongLength as exc:
+            for start, stop in written:         # marks first: a finished row always has its hash
+                finished[start:stop] = 0
             finished.flush()
-            row += size
-        if row != n:
-            raise ValueError(f"train yielded {row} examples, the store expects train_size = {n}"
-                             + (" (an empty loader?)" if row == 0 else ""))
+            for start, stop in written:
+                examples[start:stop] = 0
+            examples.flush()
+            kept = " The rows written by this call are not kept." if written else ""
+            raise ValueError(f"{exc}.{kept}") from None
 
-    def finalize(self, model_ids: Optional[Sequence[int]] = None) -> None:
-        """Computes and saves each checkpoint's kernel (``Phi^T Phi``, or ``Phi Phi^T`` if k > n).
+    def finalize(self, model_ids: Optional[Sequence[int]] = None, *, kernel: str = "full",
+                 kernel_weights: Optional[str] = None) -> None:
+        """Computes and saves each checkpoint's kernel (``Phi^T W Phi``, or the Gram matrix
+        ``Phi Phi^T`` if k > n, the weights then applied when solving).
 
-        ``model_ids=None``: every checkpoint in the store now, including those featurized by
-        other jobs since this object was created. Raises ValueError if a checkpoint's train
-        features are all zero (see :func:`trak_fast.kernel.check_kernel`).
+        ``kernel="per_layer"`` saves the block diagonal instead, one kernel per layer of the
+        feature layout; ``kernel_weights`` as in :func:`trak_fast.attribute` (default
+        ``DEFAULT_KERNEL_WEIGHTS``). Each (kernel, kernel_weights) pair is saved separately
+        (``model_<id>/kernel_<kernel>_<weights>_<i>.npy``), so several can be finalized and
+        :meth:`score` chooses. ``model_ids=None``: every checkpoint in the store now, including
+        those featurized by other jobs since this object was created. Raises ValueError if a
+        checkpoint's train features are all zero (see :func:`trak_fast.kernel.check_kernel`).
         """
+        kernel_weights = resolve_kernel_weights(kernel_weights, "mean")
+        blocks = kernel_blocks(self.layout, self.num_features, kernel)
         models = self.store.metadata["models"]
         ids = sorted(int(i) for i in models) if model_ids is None else \
             [_check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("no featurized checkpoints to finalize; call featurize() first")
+        self._check_same_train_examples(ids)
+        key = f"{kernel}/{kernel_weights}"
         for model_id in ids:
             entry = models.get(str(model_id))
             if entry is None or not entry["featurized"]:
                 raise ValueError(f"model_id {model_id} is not fully featurized; call "
                                  "featurize() for it (again, to resume) first")
-            if entry["kernel"] is not None:
+            if key in (entry.get("kernels") or {}):
                 continue
-            features, _ = self.store.read_train_arrays(model_id)
-            kernel = check_kernel(compute_kernel(features, device=self.device),
-                                  f"model_id {model_id}")
-            save_array_atomic(self.store.model_dir(model_id) / "kernel.npy",
-                              kernel.matrix.cpu().numpy())
+            features, out_to_loss = self.store.read_train_arrays(model_id)
+            kernels = compute_kernels(features, blocks, device=self.device,
+                                      where=f"model_id {model_id}",
+                                      weights=kernel_row_weights(kernel_weights, out_to_loss))
+            folder = self.store.model_dir(model_id)
+            value = []
+            for i, (block, k) in enumerate(kernels):
+                name = f"kernel_{kernel}_{kernel_weights}_{i}.npy"
+                save_array_atomic(folder / name, k.matrix.cpu().numpy())
+                value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
+                              "form": k.form, "file": name})
 
             def record(metadata: Dict[str, Any]) -> None:
-                metadata["models"][str(model_id)]["kernel"] = {"form": kernel.form}
+                metadata["models"][str(model_id)].setdefault("kernels", {})[key] = value
             self.store.update(record)
 
-    def _kernel(self, model_id: int, primal: bool) -> Kernel:
+    def _reference_examples(self, exclude: Optional[int] = None
+                            ) -> Tuple[Optional[int], Optional[np.ndarray]]:
+        """``(model_id, hashes [n, 2])`` every checkpoint's train rows are compared with: the
+        lowest fully featurized model_id, else the lowest with any rows (``None`` if none).
+
+        One reference, not all checkpoints: each is checked against it, which makes all of
+        them agree, and memory stays ``16 n`` bytes however many checkpoints there are.
+        """
+        models = self.store.metadata["models"]
+        ids = sorted((not entry["featurized"], int(i)) for i, entry in models.items()
+                     if int(i) != exclude)
+        for _, model_id in ids:
+            hashes = self.store.read_train_examples(model_id)
+            if hashes is not None and hashes[:, 1].any():
+                return model_id, hashes
+        return None, None
+
+    def _check_same_train_examples(self, ids: Sequence[int]) -> None:
+        """All checkpoints' train rows hold the same examples (jobs that ran at the same time
+        could only check each other's rows finished by then)."""
+        reference_id, reference = self._reference_examples()
+        if reference is None:
+            return
+        for model_id in ids:
+            hashes = None if model_id == reference_id else self.store.read_train_examples(model_id)
+            if hashes is not None:
+                check_rows(hashes, reference, where=f"the train rows of model_id {model_id}",
+                           first_row=0, against=f"those of model_id {reference_id}",
+                           start_over="Featurize one of them again from scratch (delete its "
+                           "model_<id> folder) with the loader of the other.")
+
+    def _stored_kernels(self, model_id: int, kernel: str, kernel_weights: str,
+                        primal: bool = False) -> List[Any]:
+        """``[(block, Kernel)]`` saved by ``finalize(kernel=..., kernel_weights=...)``, or
+        computed from the stored features (one pass) when that pair was not finalized.
+
+        ``primal=True`` (trak's ensemble) recomputes a dual kernel in the primal form.
+        """
         entry = self.store.model_entry(model_id)
-        if entry is None or entry["kernel"] is None:
-            raise ValueError(f"model_id {model_id} has no kernel; call finalize() first")
-        features, _ = self.store.read_train_arrays(model_id)
-        if primal and entry["kernel"]["form"] != "primal":
-            kernel = Kernel(kernel_matrix(features, device=self.device), "primal", self.train_size)
-        else:
-            matrix = torch.from_numpy(np.load(self.store.model_dir(model_id) / "kernel.npy"))
-            kernel = Kernel(matrix, entry["kernel"]["form"], self.train_size)
-        return check_kernel(kernel, f"model_id {model_id}")    # also kernels stored before the check
+        stored = None if entry is None else (entry.get("kernels") or {}).get(f"{kernel}/{kernel_weights}")
+        features, out_to_loss = self.store.read_train_arrays(model_id)
+        weights = kernel_row_weights(kernel_weights, out_to_loss)
+        if stored is None:
+            logger.info("model_id %d: computing kernel=%r, kernel_weights=%r from the stored "
+                        "features (finalize(kernel=..., kernel_weights=...) would save it)",
+                        model_id, kernel, kernel_weights)
+            return compute_kernels(features, kernel_blocks(self.layout, self.num_features, kernel),
+                                   form="primal" if primal else "auto", device=self.device,
+                                   where=f"model_id {model_id}", weights=weights)
+        folder = self.store.model_dir(model_id)
+        out = []
+        for b in stored:
+            block = FeatureBlock(b["layer"], b["start"], b["stop"], b["layer"])
+            if primal and b["form"] != "primal":
+                matrix = kernel_matrix(features[:, b["start"]:b["stop"]], device=self.device)
+                k = Kernel(matrix, "primal", self.train_size)
+            else:
+                matrix = torch.from_numpy(np.load(folder / b["file"]))
+                k = Kernel(matrix, b["form"], self.train_size, weights)
+            out.append((block, check_kernel(k, f"model_id {model_id}")))
+        return out
 
     # ---- targets and scores -----------------------------------------------------------------
 
@@ -255,18 +403,28 @@ class TRAK:
             raise ValueError(f"model_id {model_id} has no train features; featurize it first")
         if entry["checkpoint"] != checkpoint_fingerprint(checkpoint):
             raise ValueError(f"this is not the checkpoint model_id {model_id} was featurized with")
+        targets = checks.prepare_loader(targets, f"targets {name!r}", model=self.model,
+                                        run=checks.model_fn(self.model, checkpoint, self.device),
+                                        task=self.task, device=self.device, passes=1)
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is not None and str(model_id) in experiment["targets"] and not overwrite:
             raise ValueError(f"experiment {name!r} already has target features for model_id "
                              f"{model_id}; pass overwrite=True to replace them")
+        folder = self.store.experiment_dir(name)
+        recorded = folder / "examples.npy"
+        reference = np.load(recorded) if experiment is not None and recorded.exists() else None
+        ledger = Ledger(f"targets {name!r}", reference,
+                        against=f"the targets experiment {name!r} was created with "
+                        "(use a new experiment name for other targets)")
         phi = featurize(self.model, checkpoint, targets, task=self.task, proj_dim=self.proj_dim,
-                        kind=self.kind, seed=self.seed, model_id=model_id, grad_wrt=self.grad_wrt,
+                        kind=self.kind, seed=self.seed, model_id=model_id, nnz=self.nnz,
+                        grad_wrt=self.grad_wrt,
                         device=self.device, grad_memory=self.grad_memory, progress=self.progress,
-                        out_to_loss=False, what=f"targets {name!r}").phi
+                        out_to_loss=False, what=f"targets {name!r}", before_batch=ledger,
+                        **self._gradient_settings()).phi
         if experiment is not None and experiment["num_targets"] != phi.shape[0]:
             raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, these "
                              f"batches hold {phi.shape[0]}; every checkpoint must see the same targets")
-        folder = self.store.experiment_dir(name)
         folder.mkdir(exist_ok=True)
 
         def record(metadata: Dict[str, Any]) -> None:
@@ -274,9 +432,13 @@ class TRAK:
             if experiment is None:       # checked again: another job may have created it
                 experiment = {"num_targets": phi.shape[0], "targets": {}, "scores": None}
                 metadata["experiments"][name] = experiment
+                save_array_atomic(recorded, ledger.hashes)
             elif experiment["num_targets"] != phi.shape[0]:
                 raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, "
                                  f"these batches hold {phi.shape[0]}")
+            elif reference is None:      # another job created it meanwhile: compare with its targets
+                check_rows(ledger.hashes, np.load(recorded), where=f"targets {name!r}",
+                           first_row=0, against=f"the targets experiment {name!r} was created with")
             # Written under the lock, so the file and its metadata entry change together.
             save_array_atomic(folder / f"targets_{model_id}.npy", phi.float().numpy())
             experiment["targets"][str(model_id)] = entry["checkpoint"]
@@ -287,11 +449,15 @@ class TRAK:
 
     def score(self, name: str, *, model_ids: Optional[Sequence[int]] = None,
               lambda_reg: Optional[float] = None, relative_lambda: Optional[bool] = None,
-              ensemble: str = "mean", overwrite: bool = False) -> np.ndarray:
+              ensemble: str = "mean", kernel: str = "full", kernel_weights: Optional[str] = None,
+              overwrite: bool = False) -> np.ndarray:
         """The ensemble's scores ``[n, t]`` for experiment ``name``, saved to the store.
 
         ``tau = mean_m(S_m) * mean_m(Q_m)`` over ``model_ids`` (default: every checkpoint with
-        target features for ``name``); damping and ``ensemble`` as in :func:`trak_fast.attribute`.
+        target features for ``name``); damping, ``ensemble``, ``kernel`` and ``kernel_weights`` as
+        in :func:`trak_fast.attribute` (``ensemble="trak"`` uses ``kernel_weights="none"``). A
+        (kernel, kernel_weights) pair that was not finalized is computed from the stored
+        features, one pass over them per checkpoint.
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
         name = check_name(name)
@@ -299,6 +465,12 @@ class TRAK:
         if experiment is None:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
         lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
+        kernel_weights = resolve_kernel_weights(kernel_weights, ensemble)
+        blocks = kernel_blocks(self.layout, self.num_features, kernel)        # validates kernel
+        if ensemble == "trak" and (self.projection != "dense" or kernel != "full"
+                                   or kernel_weights != "none"):
+            raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection and "
+                             f"full kernel; got projection={self.projection!r}, kernel={kernel!r}")
         ids = [int(i) for i in experiment["targets"]] if model_ids is None else \
             [_check_model_id(i) for i in model_ids]
         missing = [i for i in ids if str(i) not in experiment["targets"]]
@@ -319,7 +491,9 @@ class TRAK:
                 targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
                 scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
                     if ensemble == "trak" else 1.0
-                model_scores(features, targets, self._kernel(model_id, primal=ensemble == "trak"),
+                kernels = self._stored_kernels(model_id, kernel, kernel_weights,
+                                               primal=ensemble == "trak")
+                block_scores(features, targets, kernels,
                              lambda_reg=lambda_reg, relative_lambda=relative_lambda,
                              feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
                              device=self.device, progress=self.progress)
@@ -335,7 +509,8 @@ class TRAK:
                                        "while it was being scored; call score() again")
                 # Under the lock, so scores.npy and its metadata entry change together.
                 os.replace(tmp, folder / "scores.npy")
-                current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg,
+                current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg, "kernel": kernel,
+                                     "kernel_weights": kernel_weights,
                                      "relative_lambda": relative_lambda, "model_ids": ids}
             self.store.update(record)
         finally:

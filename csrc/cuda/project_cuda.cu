@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../project.h"
 #include "project_fast.cuh"
@@ -72,6 +74,26 @@ void launch_fill(const at::Tensor& dst, int64_t ld, int64_t nrows, int64_t ncols
 
 }  // namespace
 
+// The rule, until a GPU measurement sets it (benchmarks/NOTES_cuda.md): generate-then-GEMM for
+// precision="bf16" with batch >= 128 and k >= 256, the fused kernel otherwise. Why: the
+// GEMM path pays for writing and reading P (4 bytes per entry of P in bf16: 2 written by the
+// fill, 2 read by cuBLAS) whatever the batch, the fused kernel pays nothing per entry of P
+// beyond generating it but reaches a smaller share of the tensor cores (predicted ~30%). At
+// H200 rates (~790 TFLOP/s bf16, ~4.3 TB/s) they break even near
+// batch = 0.3 * 790e12 * 4 bytes / (2 * 4.3e12) ~ 110 rows; at k < 256 cuBLAS tiles are mostly
+// empty. tf32 and fp32 stay fused (a tf32 GEMM through ATen would need the process-wide TF32
+// switch).
+Strategy choose_strategy(int64_t batch, int64_t k, int64_t precision) {
+  const char* env = std::getenv("TRAK_FAST_CUDA_STRATEGY");
+  if (env != nullptr && env[0] != '\0' && std::strcmp(env, "auto") != 0) {
+    if (std::strcmp(env, "fused") == 0) return Strategy::kFused;
+    if (std::strcmp(env, "gemm") == 0) return Strategy::kGemm;
+    TORCH_CHECK(false, "trak_fast: environment variable TRAK_FAST_CUDA_STRATEGY must be "
+                "'auto', 'fused' or 'gemm', got '", env, "'");
+  }
+  return precision == kBf16 && batch >= 128 && k >= 256 ? Strategy::kGemm : Strategy::kFused;
+}
+
 void project_add_cuda(const at::Tensor& out, at::TensorList grads, int64_t seed, int64_t kind,
                       int64_t feature_offset, double scale, int64_t precision) {
   check_project_args(out, grads, seed, kind, feature_offset, precision);
@@ -81,13 +103,22 @@ void project_add_cuda(const at::Tensor& out, at::TensorList grads, int64_t seed,
   at::Tensor acc = out.is_contiguous() ? out : out.contiguous();
   const at::ScalarType dtype = out.scalar_type();
   at::Tensor tile;
+  const Strategy strategy = choose_strategy(batch, k, precision);
 
   int64_t offset = feature_offset;
   for (const at::Tensor& piece : grads) {
     const at::Tensor g = piece.reshape({batch, -1});
     const int64_t width = g.size(1);
-    if (width > 0 && !project_add_cuda_fast(acc, g, static_cast<uint64_t>(seed), kind, offset,
-                                            scale, precision)) {
+    if (width == 0) continue;
+    // GEMM strategy first when chosen (it declines what it does not cover: not bf16, float64,
+    // an old GPU), then the fused kernel, then the simple tiled path.
+    const bool done =
+        (strategy == Strategy::kGemm &&
+         project_add_cuda_gemm(acc, g, static_cast<uint64_t>(seed), kind, offset, scale,
+                               precision)) ||
+        project_add_cuda_fast(acc, g, static_cast<uint64_t>(seed), kind, offset, scale,
+                              precision);
+    if (!done) {
       const int64_t tile_cols = std::min(k, kTileCols);
       if (!tile.defined()) tile = at::empty({kTileRows, tile_cols}, out.options());
       for (int64_t col0 = 0; col0 < k; col0 += tile_cols) {

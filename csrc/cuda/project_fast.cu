@@ -40,6 +40,7 @@
 
 #include "../project.h"
 #include "project_fast.cuh"
+#include "project_fast_index.h"
 #include "trak_fast/random_matrix.h"
 
 // Tensor-core bf16/tf32 fragments need sm_80. The host pass (no __CUDA_ARCH__) sees
@@ -56,9 +57,10 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kBlockK = 32;  // features per pipeline step
+using fast_index::kBlockK;  // features per pipeline step
+using fast_index::kThreads;
+using fast_index::kWarps;
+using fast_index::ceil_div;
 
 enum class Math { kFp32Simt, kTf32Wmma, kBf16Wmma };
 
@@ -186,42 +188,80 @@ struct Params {
   int64_t chunk;    // features per split, a multiple of kBlockK
   int64_t row_tiles;
   int64_t col_tiles;
+  bool out_vec;  // acc (and partials) rows 16-byte aligned: k % 4 == 0, bases aligned
 };
 
 // ---- loading a [BM, kBlockK] slice of g ----------------------------------------------------
-// Thread t loads vectors t, t + 256, ...; vector v covers row v / (kBlockK / V), features
-// (v % (kBlockK / V)) * V .. + V. With kVec, a vector is one 16-byte load (the host checked
-// that g is unit-stride along features, its row stride is a multiple of V and its base is
-// 16-byte aligned; every vector starts at a multiple of V from a multiple of kBlockK).
-// Rows past the batch and features past the end of the split read as 0.
+// Thread t loads vectors t, t + 256, ... (fast_index::g_vector). With kVec, a vector is one
+// 16-byte load kept as raw uint4 bits until the store to shared memory unpacks it (the host
+// checked fast_index::vec_loads_ok). One predicate per slice: when the whole [BM, kBlockK]
+// slice is inside g and the split (fast_index::g_slice_full, every step but the last of a
+// split and the last row tile), the loads are issued back to back without checks, so they all
+// stay in flight across the multiply; otherwise each vector is checked, and rows past the batch
+// and features past the split read as 0.
+template <typename Raw>
+__device__ __forceinline__ Raw raw_elem(const uint4& v, int e) {
+  // e is a compile-time constant after unrolling: no run-time register indexing.
+  if constexpr (sizeof(Raw) == 4) {
+    return (e & 2) ? ((e & 1) ? v.w : v.z) : ((e & 1) ? v.y : v.x);
+  } else {
+    const uint32_t w = (e & 4) ? ((e & 2) ? v.w : v.z) : ((e & 2) ? v.y : v.x);
+    return static_cast<Raw>((e & 1) ? (w >> 16) : (w & 0xFFFFu));
+  }
+}
+template <typename Raw>
+__device__ __forceinline__ void set_raw_elem(uint4& v, int e, Raw x) {
+  if constexpr (sizeof(Raw) == 4) {
+    ((e & 2) ? ((e & 1) ? v.w : v.z) : ((e & 1) ? v.y : v.x)) = x;
+  } else {
+    uint32_t& w = (e & 4) ? ((e & 2) ? v.w : v.z) : ((e & 2) ? v.y : v.x);
+    w |= static_cast<uint32_t>(x) << ((e & 1) ? 16 : 0);
+  }
+}
+
 template <class Cfg, typename TIn, bool kVec>
 struct GLoader {
   using Raw = typename Input<TIn>::Raw;
   static constexpr int V = kVec ? 16 / static_cast<int>(sizeof(Raw)) : 1;
-  static constexpr int kVecsPerRow = kBlockK / V;
   static constexpr int kPerThread = Cfg::BM * kBlockK / (V * kThreads);
   static_assert(Cfg::BM * kBlockK % (V * kThreads) == 0, "slice must split evenly");
-  struct alignas(sizeof(Raw) * V) Vec {
-    Raw v[V];
-  };
-  Vec regs[kPerThread];
+  using Reg = std::conditional_t<kVec, uint4, Raw>;
+  Reg regs[kPerThread];
 
   __device__ __forceinline__ void load(const Params<TIn>& p, int64_t row0, int64_t f0,
                                        int64_t f_end) {
+    const Raw* __restrict__ g = p.g;
+    // (The strided path keeps the checked form: its unchecked twin, 16 scalar loads with their
+    // own 64-bit addresses, spilled 144 bytes per thread next to the 128 accumulators.)
+    if (kVec && fast_index::g_slice_full(row0, Cfg::BM, p.batch, f0, f_end)) {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const fast_index::GVec v = fast_index::g_vector(threadIdx.x + i * kThreads, V);
+        const int64_t b = row0 + v.m, f = f0 + v.kk;
+        if constexpr (kVec) {
+          regs[i] = *reinterpret_cast<const uint4*>(g + b * p.g_stride_b + f);
+        } else {
+          regs[i] = g[b * p.g_stride_b + f * p.g_stride_f];
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      const int vid = threadIdx.x + i * kThreads;
-      const int64_t b = row0 + vid / kVecsPerRow;
-      const int64_t f = f0 + (vid % kVecsPerRow) * V;
-      if (kVec && b < p.batch && f + V <= f_end) {
-        regs[i] = *reinterpret_cast<const Vec*>(p.g + b * p.g_stride_b + f);
-      } else {
+      const fast_index::GVec v = fast_index::g_vector(threadIdx.x + i * kThreads, V);
+      const int64_t b = row0 + v.m, f = f0 + v.kk;
+      if constexpr (kVec) {
+        if (b < p.batch && f + V <= f_end) {
+          regs[i] = *reinterpret_cast<const uint4*>(g + b * p.g_stride_b + f);
+        } else {
+          regs[i] = make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          regs[i].v[e] = (b < p.batch && f + e < f_end)
-                             ? p.g[b * p.g_stride_b + (f + e) * p.g_stride_f]
-                             : Raw(0);
+          for (int e = 0; e < V; ++e) {
+            if (b < p.batch && f + e < f_end) set_raw_elem<Raw>(regs[i], e, g[b * p.g_stride_b + f + e]);
+          }
         }
+      } else {
+        regs[i] = (b < p.batch && f < f_end) ? g[b * p.g_stride_b + f * p.g_stride_f] : Raw(0);
       }
     }
   }
@@ -229,16 +269,20 @@ struct GLoader {
   __device__ __forceinline__ void store(typename Cfg::T* gs) const {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      const int vid = threadIdx.x + i * kThreads;
-      const int m = vid / kVecsPerRow;
-      const int kk = (vid % kVecsPerRow) * V;
+      const fast_index::GVec v = fast_index::g_vector(threadIdx.x + i * kThreads, V);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const auto x = to_operand<Cfg::kMath>(Input<TIn>::to_float(regs[i].v[e]));
-        if (Cfg::kSimt) {
-          gs[(kk + e) * Cfg::kGPitch + m] = x;
+        Raw r;
+        if constexpr (kVec) {
+          r = raw_elem<Raw>(regs[i], e);
         } else {
-          gs[m * Cfg::kGPitch + kk + e] = x;
+          r = regs[i];
+        }
+        const auto x = to_operand<Cfg::kMath>(Input<TIn>::to_float(r));
+        if (Cfg::kSimt) {
+          gs[(v.kk + e) * Cfg::kGPitch + v.m] = x;
+        } else {
+          gs[v.m * Cfg::kGPitch + v.kk + e] = x;
         }
       }
     }
@@ -246,10 +290,9 @@ struct GLoader {
 };
 
 // ---- generating a [kBlockK, BN] slice of R -------------------------------------------------
-__device__ __forceinline__ uint32_t philox_word(const Philox4& r, int w) {
-  // Select without a run-time index into r.w (which could put it in local memory).
-  return (w & 2) ? ((w & 1) ? r.w[3] : r.w[2]) : ((w & 1) ? r.w[1] : r.w[0]);
-}
+using fast_index::bf16_sign_pair;
+using fast_index::f32_sign;
+using fast_index::philox_word;
 
 // Writes the 32 entries +-1 given by the bits of `word` (bit t set: entry t is -1).
 // dst is 16-byte aligned.
@@ -257,16 +300,12 @@ __device__ __forceinline__ void store_signs(float* dst, uint32_t word) {
 #pragma unroll
   for (int t = 0; t < 32; t += 4) {
     uint4 v;
-    v.x = 0x3F800000u | (((word >> t) & 1u) << 31);
-    v.y = 0x3F800000u | (((word >> (t + 1)) & 1u) << 31);
-    v.z = 0x3F800000u | (((word >> (t + 2)) & 1u) << 31);
-    v.w = 0x3F800000u | (((word >> (t + 3)) & 1u) << 31);
+    v.x = f32_sign(word >> t);
+    v.y = f32_sign(word >> (t + 1));
+    v.z = f32_sign(word >> (t + 2));
+    v.w = f32_sign(word >> (t + 3));
     *reinterpret_cast<uint4*>(dst + t) = v;
   }
-}
-__device__ __forceinline__ uint32_t bf16_sign_pair(uint32_t x) {
-  // bf16 +1 is 0x3F80; bit 0 of x is the sign of the low half, bit 1 of the high half.
-  return 0x3F803F80u | ((x & 1u) << 15) | ((x & 2u) << 30);
 }
 __device__ __forceinline__ void store_signs(__nv_bfloat16* dst, uint32_t word) {
 #pragma unroll
@@ -306,28 +345,56 @@ __device__ __forceinline__ void generate_r(typename Cfg::T* rs, const Params<TIn
     constexpr int kWordsPerRow = Cfg::BN / 32;
     const uint64_t block_base = static_cast<uint64_t>(col0) / kRademacherBlockCols;
     for (int item = threadIdx.x; item < kBlockK * kWordsPerRow; item += kThreads) {
-      const int kk = item / kWordsPerRow;
-      const int w = item % kWordsPerRow;
-      const Philox4 bits = rademacher_bits(p.seed, row_base + kk, block_base + w / 4);
-      store_signs(rs + kk * Cfg::kRPitch + 32 * w, philox_word(bits, w & 3));
+      const fast_index::RadWord rw = fast_index::rad_word(item, Cfg::BN);
+      const Philox4 bits = rademacher_bits(p.seed, row_base + rw.kk, block_base + rw.w / 4);
+      store_signs(rs + rw.kk * Cfg::kRPitch + 32 * rw.w, philox_word(bits, rw.w & 3));
     }
   }
 }
 
-// ---- writing one output element ------------------------------------------------------------
+// ---- writing the output --------------------------------------------------------------------
 // A block flushes its sums one or more times (see kFlushSteps); `first` marks its first
-// flush, which writes its partial-sum slot instead of adding to it. The element belongs to
-// this thread alone, so the adds need no atomics and happen in a fixed order.
-template <typename TIn>
-__device__ __forceinline__ void emit(const Params<TIn>& p, int64_t split, int64_t row,
-                                     int64_t col, float v, bool first) {
-  if (row >= p.batch || col >= p.k) return;
-  if (p.partials != nullptr) {
-    float* slot = p.partials + (split * p.batch + row) * p.k + col;
-    *slot = first ? v : *slot + v;
-  } else {
-    float* a = p.acc + row * p.k + col;
-    *a = *a + p.scale * v;
+// flush, which writes its partial-sum slot instead of adding to it. Each element belongs to
+// one thread alone, so the adds need no atomics and happen in a fixed order.
+//
+// emit_run writes a run of N consecutive output columns of one row: vals[0..N) at (row, col).
+// Fast path (the run inside the output, rows 16-byte aligned): all N/4 float4 loads are issued
+// before the first add, then the adds, then the float4 stores. Otherwise element by element,
+// with bounds checks.
+template <int N, typename TIn>
+__device__ __forceinline__ void emit_run(const Params<TIn>& p, int64_t split, int64_t row,
+                                         int64_t col, const float (&vals)[N], bool first) {
+  static_assert(N % 4 == 0, "runs of whole float4");
+  const bool to_partials = p.partials != nullptr;
+  float* __restrict__ dst = to_partials ? p.partials + (split * p.batch + row) * p.k + col
+                                        : p.acc + row * p.k + col;
+  const float mul = to_partials ? 1.0f : p.scale;
+  if (p.out_vec && fast_index::out_run_full(row, col, N, p.batch, p.k)) {
+    float4 old[N / 4];
+    if (to_partials && first) {
+#pragma unroll
+      for (int q = 0; q < N / 4; ++q) old[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+    } else {
+#pragma unroll
+      for (int q = 0; q < N / 4; ++q) old[q] = reinterpret_cast<const float4*>(dst)[q];
+    }
+#pragma unroll
+    for (int q = 0; q < N / 4; ++q) {
+      float4 o = old[q];
+      o.x = o.x + mul * vals[4 * q + 0];
+      o.y = o.y + mul * vals[4 * q + 1];
+      o.z = o.z + mul * vals[4 * q + 2];
+      o.w = o.w + mul * vals[4 * q + 3];
+      reinterpret_cast<float4*>(dst)[q] = o;
+    }
+    return;
+  }
+  if (row >= p.batch) return;
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    if (col + e < p.k) {
+      dst[e] = (to_partials && first) ? vals[e] : dst[e] + mul * vals[e];
+    }
   }
 }
 
@@ -335,13 +402,21 @@ __device__ __forceinline__ void emit(const Params<TIn>& p, int64_t split, int64_
 // Tensor cores add into their float32 accumulators with truncation (round toward zero; Fasi,
 // Higham, Mikaitis and Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021),
 // a bias of up to 1 ulp per MMA that grows linearly with the number of MMAs. So the fragments
-// are flushed every kFlushSteps steps (2048 features: 128 bf16 or 256 tf32 MMAs, a bias
-// below ~1e-5 relative) into memory with ordinary round-to-nearest adds, and restarted at 0.
+// are flushed into memory with ordinary round-to-nearest adds, and restarted at 0, every
+// kFlushSteps steps = kFlushMmas = 512 MMAs per accumulator: 256 steps (8192 features) for
+// bf16 (k16 MMAs), 128 steps (4096 features) for tf32 (k8 MMAs). Bias bound: each MMA's
+// truncation loses less than 1 ulp = 2^-23 of the accumulator's magnitude, so 512 MMAs lose
+// < 512 * 2^-23 = 6.1e-5 of the partial sum (expected ~2e-5: half an ulp per MMA of an
+// accumulator that grows like sqrt(steps), 2^-24 * 512 * 2/3), against the error of
+// the operand rounding the precision promises, ~1.1e-3 for bf16 (18x the bound) and ~3e-4 for
+// tf32 (5x the bound, 10x the mean). The flush is a read-modify-write of the block's tile; at
+// 512 MMAs per flush (was 128 bf16 / 256 tf32) it runs 4x (bf16) or 2x (tf32) less often.
 template <class Cfg>
 struct WmmaMath {
-  static constexpr int64_t kFlushSteps = 64;
   static constexpr bool kTf32 = Cfg::kMath == Math::kTf32Wmma;
   static constexpr int kStepK = kTf32 ? 8 : 16;
+  static constexpr int64_t kFlushMmas = 512;
+  static constexpr int64_t kFlushSteps = kFlushMmas * kStepK / kBlockK;
   using Elem = std::conditional_t<kTf32, wmma::precision::tf32, __nv_bfloat16>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kStepK, Elem, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kStepK, Elem, wmma::row_major>;
@@ -382,31 +457,32 @@ struct WmmaMath {
   }
 
   // The fragment's element-to-lane mapping is opaque, so each fragment goes through this
-  // warp's 16 x 16 float buffer in shared memory; then the accumulators restart at 0.
-  // Warp-local: no block barrier needed.
+  // warp's 16 x 16 float buffer in shared memory; lane l then takes row l / 2, columns
+  // 8 (l % 2) .. + 8 (fast_index::wmma_lane_cells) as two float4 reads from shared memory and
+  // one emit_run; then the accumulators restart at 0. Warp-local: no block barrier needed.
   template <typename TIn>
   __device__ __forceinline__ void flush(const Params<TIn>& p, int64_t split, int64_t row0,
                                         int64_t col0, float* staging, bool first) {
     const int lane = threadIdx.x % 32;
-    float* buf = staging + (threadIdx.x / 32) * 256;
-    int64_t warp_row0 = row0 + warp_m * Cfg::kWarpRows;
-    int64_t warp_col0 = col0 + warp_n * Cfg::kWarpCols;
-    // Opaque to the optimiser: otherwise it hoists the 128 loop-invariant output addresses
-    // out of the main loop and spills them (seen: ~700 bytes of spills per thread).
-    asm volatile("" : "+l"(warp_row0), "+l"(warp_col0));
+    const int warp = threadIdx.x / 32;
+    float* buf = staging + warp * 256;
+    int64_t base_row = row0, base_col = col0;
+    // Opaque to the optimiser: otherwise it hoists the loop-invariant output addresses out of
+    // the main loop and spills them (seen: ~700 bytes of spills per thread).
+    asm volatile("" : "+l"(base_row), "+l"(base_col));
 #pragma unroll
     for (int i = 0; i < Cfg::kFragsM; ++i) {
 #pragma unroll
       for (int j = 0; j < Cfg::kFragsN; ++j) {
         wmma::store_matrix_sync(buf, c[i][j], 16, wmma::mem_row_major);
         __syncwarp();
-        const int64_t r0 = warp_row0 + 16 * i;
-        const int64_t c0 = warp_col0 + 16 * j;
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          const int e = lane + 32 * t;
-          emit(p, split, r0 + e / 16, c0 + e % 16, buf[e], first);
-        }
+        const fast_index::Cell cell = fast_index::wmma_lane_cells(
+            warp, lane, i, j, Cfg::kWarpsN, Cfg::kWarpRows, Cfg::kWarpCols);
+        const float4 lo = *reinterpret_cast<const float4*>(buf + 16 * (lane / 2) + 8 * (lane % 2));
+        const float4 hi =
+            *reinterpret_cast<const float4*>(buf + 16 * (lane / 2) + 8 * (lane % 2) + 4);
+        const float vals[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        emit_run<8>(p, split, base_row + cell.r, base_col + cell.c, vals, first);
         __syncwarp();
         wmma::fill_fragment(c[i][j], 0.0f);
       }
@@ -448,17 +524,17 @@ struct SimtMath {
     }
   }
 
+  // Row 8 warp + i, columns fast_index::simt_col(lane, j): two runs of 4 per row.
   template <typename TIn>
   __device__ __forceinline__ void flush(const Params<TIn>& p, int64_t split, int64_t row0,
                                         int64_t col0, float*, bool first) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int64_t row = row0 + 8 * warp + i;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t col = col0 + (j < 4 ? 4 * lane + j : 128 + 4 * lane + (j - 4));
-        emit(p, split, row, col, c[i][j], first);
-      }
+      const float lo[4] = {c[i][0], c[i][1], c[i][2], c[i][3]};
+      const float hi[4] = {c[i][4], c[i][5], c[i][6], c[i][7]};
+      emit_run<4>(p, split, row, col0 + fast_index::simt_col(lane, 0), lo, first);
+      emit_run<4>(p, split, row, col0 + fast_index::simt_col(lane, 4), hi, first);
     }
   }
 };
@@ -476,13 +552,10 @@ __global__ void __launch_bounds__(kThreads, 1) project_fast_kernel(const Params<
 
   // Column tiles vary fastest in launch order, so the blocks that read the same slice of g
   // (same split, same row tile) run side by side and share it through L2.
-  const int64_t bid = blockIdx.x;
-  const int64_t col0 = (bid % p.col_tiles) * Cfg::BN;
-  const int64_t row0 = ((bid / p.col_tiles) % p.row_tiles) * Cfg::BM;
-  const int64_t split = bid / p.col_tiles / p.row_tiles;
-  const int64_t f_begin = split * p.chunk;
-  const int64_t f_end = f_begin + p.chunk < p.width ? f_begin + p.chunk : p.width;
-  const int64_t steps = (f_end - f_begin + kBlockK - 1) / kBlockK;  // >= 1
+  const fast_index::Block blk = fast_index::block_of(blockIdx.x, p.row_tiles, p.col_tiles,
+                                                     Cfg::BM, Cfg::BN, p.chunk, p.width);
+  const int64_t col0 = blk.col0, row0 = blk.row0, split = blk.split;
+  const int64_t f_begin = blk.f_begin, f_end = blk.f_end, steps = blk.steps;
 
   GLoader<Cfg, TIn, kVec> loader;
   Math_ math;
@@ -533,27 +606,8 @@ __global__ void reduce_splits_kernel(float* __restrict__ acc, const float* __res
 }
 
 // ---- host side -----------------------------------------------------------------------------
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct Split {
-  int64_t splits;
-  int64_t chunk;
-};
-
-// How many chunks to cut the feature dimension into: a pure function of the shapes (and the
-// tile configuration, itself chosen from the shapes), never of the GPU, so every GPU adds the
-// same partial sums in the same order.
-Split choose_split(int64_t batch, int64_t k, int64_t width, int64_t tiles) {
-  constexpr int64_t kTargetBlocks = 2048;               // a few waves on any current GPU
-  constexpr int64_t kMinChunk = 4096;                   // >= 128 steps per block
-  constexpr int64_t kMaxPartialFloats = int64_t(1) << 26;  // 256 MiB of partial sums
-  int64_t splits = ceil_div(kTargetBlocks, tiles);
-  splits = std::min(splits, ceil_div(width, kMinChunk));
-  splits = std::min(splits, std::max<int64_t>(1, kMaxPartialFloats / (batch * k)));
-  splits = std::max<int64_t>(splits, 1);
-  const int64_t chunk = ceil_div(ceil_div(width, splits), kBlockK) * kBlockK;
-  return {ceil_div(width, chunk), chunk};
-}
+using fast_index::choose_split;
+using fast_index::Split;
 
 template <class Cfg, typename TIn>
 void launch(const at::Tensor& acc, const at::Tensor& g, uint64_t seed, int64_t kind,
@@ -589,8 +643,10 @@ void launch(const at::Tensor& acc, const at::Tensor& g, uint64_t seed, int64_t k
 
   // 16-byte loads need unit stride along features, 16-byte-aligned rows and base.
   constexpr int V = 16 / sizeof(Raw);
-  const bool vec = g.stride(1) == 1 && reinterpret_cast<uintptr_t>(p.g) % 16 == 0 &&
-                   (batch == 1 || g.stride(0) % V == 0);
+  const bool vec = fast_index::vec_loads_ok(g.stride(1), reinterpret_cast<uintptr_t>(p.g), batch,
+                                            g.stride(0), V);
+  p.out_vec = k % 4 == 0 && reinterpret_cast<uintptr_t>(p.acc) % 16 == 0 &&
+              (p.partials == nullptr || reinterpret_cast<uintptr_t>(p.partials) % 16 == 0);
   auto kernel = vec ? &project_fast_kernel<Cfg, TIn, true> : &project_fast_kernel<Cfg, TIn, false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Cfg::kSmemBytes)));

@@ -1,0 +1,137 @@
+"""Per-layer inputs and output gradients from one ordinary batched backward pass.
+
+The hook path differentiates ``F = sum_b f(z_b)`` once for the whole batch. Because examples
+do not interact in the forward pass (eval mode; no module that mixes the batch, such as
+batch norm in training mode or attention across examples), ``dF / d y_b = d f(z_b) / d y_b``
+for every layer output ``y``: the batched backward pass hands each supported layer exactly the
+per-example output gradients ``delta`` that per-example gradients are built from.
+
+How the pass is driven. A forward hook on every tracked module records the module's input
+and wraps its output in :class:`_Tap`, an identity whose backward calls back with the output
+gradient. The taps also tie every output to one zero scalar ``anchor`` that requires grad, and
+the backward pass is ``torch.autograd.grad(F, anchor)``. No parameter requires grad, so
+autograd never computes a weight gradient of the batch: the pass costs the forward plus the
+input-gradient half of an ordinary backward pass. A callback fires as soon as its layer's
+gradient is known (in reverse layer order), so only that layer's per-example gradients need
+to exist at any time. A module called several times in one forward (a shared layer) fires
+once per call; the contributions add up, as gradients do.
+
+What the hooks cannot see: a tracked module's weight used *outside* the module's own forward
+(e.g. ``F.linear(x, self.fc.weight)`` elsewhere, or ``nn.MultiheadAttention``, which reads
+``out_proj.weight`` itself). Parameters registered in several modules are therefore only
+tracked when every registration is a supported module (see :func:`hookable_parameters`);
+a functional use of a weight that is not registered anywhere else is the caller's to avoid.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+
+import torch
+
+from .layers import LayerAdapter, adapter_for
+
+#: Called during the forward pass with (module input) -> per-call state, and during the
+#: backward pass with (state, output gradient).
+OnInput = Callable[[torch.Tensor], object]
+OnGrad = Callable[[object, torch.Tensor], None]
+
+
+class Use(NamedTuple):
+    """One registration of a parameter: ``module.<role>`` with ``role`` "weight" or "bias"."""
+
+    module_name: str
+    module: torch.nn.Module
+    role: str
+
+
+def parameter_uses(model: torch.nn.Module) -> Dict[str, List[Use]]:
+    """Every registration of every parameter, keyed by its canonical name.
+
+    The canonical name is the one ``model.named_parameters()`` gives (the first of tied
+    names, e.g. ``transformer.wte.weight`` for GPT-2's tied ``lm_head.weight``).
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    uses: Dict[str, List[Use]] = {name: [] for name in canonical.values()}
+    seen = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for role, param in module._parameters.items():
+            if param is None or (id(module), role) in seen:
+                continue
+            seen.add((id(module), role))
+            uses[canonical[id(param)]].append(Use(module_name, module, role))
+    return uses
+
+
+def hookable_parameters(model: torch.nn.Module) -> Dict[str, List[Use]]:
+    """Parameters whose every registration is the weight or bias of a supported module."""
+    hookable = {}
+    for name, uses in parameter_uses(model).items():
+        if uses and all(u.role in ("weight", "bias") and adapter_for(u.module) is not None
+                        for u in uses):
+            hookable[name] = uses
+    return hookable
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on ``output`` whose backward reports the output gradient to ``callback``."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, output: torch.Tensor, callback) -> torch.Tensor:
+        ctx.callback = callback
+        # A copy, not a view: the model may modify the output in place (ReLU(inplace=True)).
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.callback(grad)
+        return torch.zeros((), dtype=grad.dtype, device=grad.device), grad, None
+
+
+class LayerTap(NamedTuple):
+    """A tracked module and what to do with its input (forward) and output gradient (backward)."""
+
+    module: torch.nn.Module
+    adapter: LayerAdapter
+    on_input: OnInput
+    on_grad: OnGrad
+
+
+@contextlib.contextmanager
+def tapped(taps: List[LayerTap], device: torch.device) -> Iterator[torch.Tensor]:
+    """Registers the forward hooks for the duration of the block and yields the anchor.
+
+    The hooks are removed on exit, exceptions included; the modules are otherwise untouched.
+    Differentiate a function of the model's outputs with respect to the anchor (see
+    :func:`backward_through_taps`) to run the callbacks.
+    """
+    anchor = torch.zeros((), device=device, requires_grad=True)
+    handles = []
+
+    def make_hook(tap: LayerTap):
+        def hook(module, args, kwargs, output):
+            inputs = args[0] if args else next(iter(kwargs.values()))
+            if not isinstance(output, torch.Tensor) or not isinstance(inputs, torch.Tensor):
+                raise TypeError(f"hooked {type(module).__name__} returned or received a "
+                                f"non-tensor; cannot take per-example gradients from it")
+            if inputs.dim() < 2:
+                raise ValueError(f"{type(module).__name__} got an input of shape "
+                                 f"{tuple(inputs.shape)}: per-example gradients need a batch "
+                                 "dimension [B, ..., d]")
+            state = tap.on_input(inputs.detach())
+            return _Tap.apply(anchor, output, lambda grad: tap.on_grad(state, grad))
+        return hook
+
+    try:
+        for tap in taps:
+            handles.append(tap.module.register_forward_hook(make_hook(tap), with_kwargs=True))
+        yield anchor
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def backward_through_taps(total: torch.Tensor, anchor: torch.Tensor) -> None:
+    """Runs the backward pass of ``total`` (a scalar) that fires every tap's callback."""
+    if total.requires_grad:
+        torch.autograd.grad(total, anchor, allow_unused=True)
