@@ -43,7 +43,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
+# Before torch starts OpenMP (see child_env): passive waiting, for this process and its children.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -491,7 +494,10 @@ def main(argv=None) -> dict:
         report["bergson"] = bergson_available()
         if report["bergson"] is None:
             methods.remove("bergson")
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "bench_featurize.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Dict[str, dict]] = {}
+    report["results"] = results
     for size in args.sizes:
         results[size] = {}
         for method in methods:
@@ -504,7 +510,7 @@ def main(argv=None) -> dict:
                                             f"{r['peak_rss_mb']:.0f} MB" if "error" not in r else
                                             "ERROR " + r["error"][-300:]) + f" ({time.time() - t0:.0f} s)",
                   flush=True)
-    report["results"] = results
+            out.write_text(json.dumps({**report, "partial": True}, indent=1))   # survives an interrupted run
     report["targets"] = targets(results)
     report["load_average_at_end"] = os.getloadavg()
     print_table(results)
@@ -513,8 +519,6 @@ def main(argv=None) -> dict:
         print(f"  {t['size']:<6}{t['target']:<58}{t['ratio']:>7.2f}  {'met' if t['met'] else 'MISSED'}")
     print(f"\n{report['cpu']}, {args.threads} threads, {args.machine_state}; load average "
           f"{report['load_average_at_start'][0]:.1f} -> {report['load_average_at_end'][0]:.1f}")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "bench_featurize.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
     return report

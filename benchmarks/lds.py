@@ -509,7 +509,8 @@ def write_markdown(report: dict, path: Path) -> None:
     single = s["retrains"] >= 2
     lines += ["", "lambda: relative damping lambda_rel for trak_fast (lambda = lambda_rel * tr(Phi^T Phi) / n); "
               "absolute for trak 0.3.2 (its default, 0). Scoring time: featurize + kernel + solve on this "
-              "machine's 2 shared CPU cores (from the first, uncached run).", "",
+              "machine's 2 shared CPU cores (from the first, uncached run)"
+              + (f"; {s['machine_note']}" if s.get("machine_note") else "") + ".", "",
               "## Methods", "",
               "| data set | method | M | k | lambda | LDS | 95% CI |" + (" LDS, 1 retrain |" if single else "")
               + " scoring time (s) |",
@@ -622,6 +623,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="torch threads (default 1: these models are tiny, and on a shared machine extra "
                         "threads spin-wait: 2 threads made one retrain 50x slower under load)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 subsets, M in {1, 5}, k = 512, short sweep")
+    p.add_argument("--machine-note", default="", help="a note on the machine's state for lds.md (e.g. load)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
