@@ -12,6 +12,8 @@ Side by side, on the same checkpoints (M models trained on the full train set, s
 same subsets:
   * trak_fast TRAK (``trak_fast.attribute``, defaults) for M in {1,2,5,10,20}, k in {512, 2048, none};
   * the same with kind="sparse", nnz in {1, 4, 16}, at M = 5, k = 512 (--sparse-nnz);
+  * trak_fast with the factored per-layer projection (``projection="factored"``, ``--factored``:
+    16x16, 8x32, 32x8, 32x16 per layer; total k 544, 528, 576, 1088 on the 64-128-10 MLP) at M in {1, 5};
   * MadryLab trak 0.3.2 (CPU path: BasicProjector, float32, its default lambda = 0) at M = 5, k = 512;
   * a gradient dot product (TracIn-style, one checkpoint-averaged step): mean_m Q_m,i <g_m,i, g_m,z>;
   * random scores (the floor, ~0);
@@ -241,19 +243,27 @@ class PerCheckpoint:
     def __init__(self, cache: Cache, ckpts: Sequence[dict]):
         self.cache, self.ckpts, self.problem = cache, ckpts, cache.problem
 
-    def _path(self, k: Optional[int], model_id: int, lam: float) -> Path:
-        desc = json.dumps({"k": k, "m": model_id, "lam": lam, "src": _source_hash()}, sort_keys=True)
+    def _path(self, k: Optional[int], model_id: int, lam: float, factored: Optional[tuple] = None) -> Path:
+        desc = {"k": k, "m": model_id, "lam": lam, "src": _source_hash()}
+        if factored is not None:
+            desc["factored"] = list(factored)
+        desc = json.dumps(desc, sort_keys=True)
         return self.cache.dir / "per_checkpoint" / f"{hashlib.sha1(desc.encode()).hexdigest()[:16]}.pt"
 
-    def get(self, k: Optional[int], model_id: int, lambdas: Sequence[float]) -> Dict[float, dict]:
-        """``{lambda: {"S": [n, T], "Q": [n], "seconds": featurize + solve time}}`` for one checkpoint."""
+    def get(self, k: Optional[int], model_id: int, lambdas: Sequence[float],
+            factored: Optional[tuple] = None) -> Dict[float, dict]:
+        """``{lambda: {"S": [n, T], "Q": [n], "seconds": featurize + solve time}}`` for one checkpoint.
+
+        ``factored=(k_out, k_in)``: the factored per-layer projection (``projection="factored"``)
+        instead of a dense one; ``k`` is then unused (the total k follows from the layers).
+        """
         from trak_fast.featurize import featurize
         from trak_fast.kernel import compute_kernel
         from trak_fast.score import model_scores
 
         out, missing = {}, []
         for lam in lambdas:
-            path = self._path(k, model_id, lam)
+            path = self._path(k, model_id, lam, factored)
             if path.exists():
                 out[lam] = torch.load(path)
             else:
@@ -261,24 +271,27 @@ class PerCheckpoint:
         if not missing:
             return out
         model, sd = self.problem.make_model(0), self.ckpts[model_id]
+        how = dict(proj_dim=k) if factored is None else \
+            dict(proj_dim=None, projection="factored", factored_dims=tuple(factored))
         t0 = time.perf_counter()
-        phi, q = featurize(model, sd, self.problem.batches("train"), proj_dim=k, seed=0, model_id=model_id)
-        phi_t = featurize(model, sd, self.problem.batches("target"), proj_dim=k, seed=0, model_id=model_id,
-                          out_to_loss=False, what="targets").phi
+        phi, q = featurize(model, sd, self.problem.batches("train"), seed=0, model_id=model_id, **how)
+        phi_t = featurize(model, sd, self.problem.batches("target"), seed=0, model_id=model_id,
+                          out_to_loss=False, what="targets", **how).phi
         kernel = compute_kernel(phi)
         shared = time.perf_counter() - t0
         for lam in missing:
             t1 = time.perf_counter()
             s = model_scores(phi, phi_t, kernel, lambda_reg=lam, relative_lambda=True)
             blob = {"S": s, "Q": q.to(torch.float64), "seconds": shared + time.perf_counter() - t1}
-            _atomic_save(lambda p: torch.save(blob, p), self._path(k, model_id, lam))
+            blob["num_features"] = phi.shape[1]
+            _atomic_save(lambda p: torch.save(blob, p), self._path(k, model_id, lam, factored))
             self.cache.computed["scores"] += 1
             out[lam] = blob
         return out
 
-    def ensemble(self, k: Optional[int], M: int, lam: float) -> tuple:
+    def ensemble(self, k: Optional[int], M: int, lam: float, factored: Optional[tuple] = None) -> tuple:
         """``(tau [n, T] float64, seconds)`` for the first ``M`` checkpoints."""
-        parts = [self.get(k, m, [lam])[lam] for m in range(M)]
+        parts = [self.get(k, m, [lam], factored)[lam] for m in range(M)]
         s = torch.stack([p["S"].to(torch.float64) for p in parts]).mean(0)
         q = torch.stack([p["Q"] for p in parts]).mean(0)
         return s * q[:, None], sum(p["seconds"] for p in parts)
@@ -434,6 +447,13 @@ def run(args: argparse.Namespace) -> dict:
             for M in models:
                 ev({"group": "main", "method": "trak_fast", "M": M, "proj_dim": k, "lambda": DEFAULT_LAMBDA_REL},
                    *per_ckpt.ensemble(k, M, DEFAULT_LAMBDA_REL))
+        for dims_f in (args.factored if first else []):
+            # The factored per-layer projection (hook path), next to dense k at the same M.
+            k_total = per_ckpt.get(None, 0, [DEFAULT_LAMBDA_REL], dims_f)[DEFAULT_LAMBDA_REL]["num_features"]
+            for M in args.factored_models:
+                ev({"group": "main", "method": f"trak_fast factored {dims_f[0]}x{dims_f[1]}", "M": M,
+                    "proj_dim": k_total, "lambda": DEFAULT_LAMBDA_REL, "factored_dims": list(dims_f)},
+                   *per_ckpt.ensemble(None, M, DEFAULT_LAMBDA_REL, dims_f))
         if first:
             # The per-checkpoint path must be exactly what a user gets from trak_fast.attribute.
             direct = trak_fast_scores(problem, ckpts[:2], 512).to(torch.float64)
@@ -496,7 +516,8 @@ def write_markdown(report: dict, path: Path) -> None:
     single = s["retrains"] >= 2
     lines += ["", "lambda: relative damping lambda_rel for trak_fast (lambda = lambda_rel * tr(Phi^T Phi) / n); "
               "absolute for trak 0.3.2 (its default, 0). Scoring time: featurize + kernel + solve on this "
-              "machine's 2 shared CPU cores (from the first, uncached run).", "",
+              "machine's 2 shared CPU cores (from the first, uncached run)"
+              + (f"; {s['machine_note']}" if s.get("machine_note") else "") + ".", "",
               "## Methods", "",
               "| data set | method | M | k | lambda | LDS | 95% CI |" + (" LDS, 1 retrain |" if single else "")
               + " scoring time (s) |",
@@ -574,6 +595,14 @@ def write_plot(report: dict, path: Path) -> bool:
     return True
 
 
+def _factored_dims(text: str) -> tuple:
+    try:
+        k_out, k_in = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KOUTxKIN such as 16x16, got {text!r}") from None
+    return k_out, k_in
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(PROBLEMS), choices=PROBLEMS,
@@ -585,6 +614,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", type=int, nargs="+", default=[1, 2, 5, 10, 20], help="ensemble sizes M")
     p.add_argument("--dims", type=lambda v: None if v.lower() == "none" else int(v), nargs="+",
                    default=[512, 2048, None], help="projection dims k ('none': raw gradients)")
+    p.add_argument("--factored", type=_factored_dims, nargs="*", default=[(16, 16), (8, 32), (32, 8), (32, 16)],
+                   metavar="KOUTxKIN", help="factored per-layer projections (projection='factored', "
+                   "factored_dims=(k_out, k_in)) scored on the first data set, e.g. 16x16")
+    p.add_argument("--factored-models", type=int, nargs="+", default=[1, 5], help="M for the factored rows")
     p.add_argument("--trak032-models", type=int, nargs="+", default=[1, 5, 10], help="M for MadryLab trak 0.3.2")
     p.add_argument("--skip-trak032", action="store_true", help="leave MadryLab trak out")
     p.add_argument("--reference", action="store_true", help="add the float64 reference estimator (M=5, k=512)")
@@ -599,10 +632,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="torch threads (default 1: these models are tiny, and on a shared machine extra "
                         "threads spin-wait: 2 threads made one retrain 50x slower under load)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 subsets, M in {1, 5}, k = 512, short sweep")
+    p.add_argument("--machine-note", default="", help="a note on the machine's state for lds.md (e.g. load)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.m, args.models, args.dims, args.lambdas, args.sweep_models = 20, [1, 5], [512], [0.1, 1.0], [5]
+        args.factored, args.factored_models = args.factored[:1], [5]
     for flag in ("m", "retrains", "headline_models"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
