@@ -4,8 +4,9 @@ MASTER_ADDR, MASTER_PORT in the environment; WORLD_SIZE=1 runs without a process
     python distributed_worker.py MODE STORE OUT
 
 MODE: "pipeline" (TRAK featurize, finalize, targets, score, then attribute), "kill" (rank 1
-SIGKILLs itself in the middle of featurize), "resume" (featurize only), "mismatch" (rank 1
-passes another proj_dim), "unshared" (each rank gets its own store directory).
+SIGKILLs itself in the middle of featurize), "resume" (featurize only), "errors" (rank 1
+passes another proj_dim, then each rank gets its own store directory: both must raise).
+The digits split is read from OUT/data.pt (written by the test: no scikit-learn import here).
 """
 import datetime
 import os
@@ -20,28 +21,33 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 
 from trak_fast import TRAK, attribute, digits  # noqa: E402
+from trak_fast.distributed import DistributedError  # noqa: E402
 
 N_TRAIN, N_TARGETS, BATCH, PROJ_DIM, HIDDEN = 120, 10, 10, 32, 16
 
 
-def problem():
-    x, y, xt, yt = digits.load_digits(N_TRAIN, N_TARGETS)
+def problem(out):
+    x, y, xt, yt = torch.load(os.path.join(out, "data.pt"))
     model = digits.make_mlp(HIDDEN, seed=0)
     checkpoints = [digits.make_mlp(HIDDEN, seed=s).state_dict() for s in (0, 1)]
     return model, checkpoints, digits.batches(x, y, BATCH), digits.batches(xt, yt, 3)
 
 
-def main():
-    mode, store, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    model, checkpoints, train, targets = problem()
-    proj_dim = PROJ_DIM + (8 if mode == "mismatch" and rank == 1 else 0)
-    if mode == "unshared":
-        store = f"{store}_{rank}"
-    trak = TRAK(store, model, train_size=N_TRAIN, proj_dim=proj_dim, progress=False)
+def write_data(out):
+    torch.save(digits.load_digits(N_TRAIN, N_TARGETS), os.path.join(out, "data.pt"))
+
+
+def run(mode, store, out, rank=0, world=1):
+    model, checkpoints, train, targets = problem(out)
+    if mode == "errors":
+        for what, proj_dim, where in (("mismatch", PROJ_DIM + 8 * rank, store),
+                                      ("unshared", PROJ_DIM, f"{store}_{rank}")):
+            try:
+                TRAK(where, model, train_size=N_TRAIN, proj_dim=proj_dim, progress=False)
+            except (DistributedError, ValueError) as exc:
+                print(f"{what}: {type(exc).__name__}: {exc}", flush=True)
+        return
+    trak = TRAK(store, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, progress=False)
     if mode == "kill":
         def dying():
             for index, batch in enumerate(train):
@@ -60,9 +66,10 @@ def main():
     np.save(os.path.join(out, f"scores_{rank}.npy"), np.array(trak.score("val")))
     tau = attribute(model, checkpoints, train, targets, proj_dim=PROJ_DIM, progress=False)
     np.save(os.path.join(out, f"attribute_{rank}.npy"), tau.numpy())
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    run(sys.argv[1], sys.argv[2], sys.argv[3], rank, world)
+    dist.destroy_process_group()

@@ -2,7 +2,8 @@
 
 Each rank is a fresh ``python tests/distributed_worker.py`` with the environment torchrun sets
 (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, a free MASTER_PORT); the single-process reference
-runs the same worker in this process's interpreter (one torch thread, as the workers).
+runs the same worker in this process (one torch thread, as the workers). Runs that do not
+depend on each other are started together: the cost is mostly starting Python and torch.
 """
 import os
 import shutil
@@ -13,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+import distributed_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "distributed_worker.py")
@@ -28,8 +31,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(mode, store, out, world, timeout=120):
-    """Runs WORLD ranks of the worker; returns [(returncode, output)] by rank."""
+def start(mode, store, out, world):
+    """Starts WORLD ranks of the worker (a process group on a free port)."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -39,6 +42,11 @@ def launch(mode, store, out, world, timeout=120):
         procs.append(subprocess.Popen([sys.executable, WORKER, mode, str(store), str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
+    return procs
+
+
+def finish(procs, timeout=120):
+    """[(returncode, output)] by rank; fails the test if a rank hangs."""
     results = []
     for proc in procs:
         try:
@@ -46,7 +54,7 @@ def launch(mode, store, out, world, timeout=120):
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            pytest.fail(f"rank {procs.index(proc)} of a {world}-rank {mode!r} run hung")
+            pytest.fail(f"rank {procs.index(proc)} of {len(procs)} hung:\n{proc.args}")
         results.append((proc.returncode, output))
     return results
 
@@ -57,18 +65,32 @@ def ok(results):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The single-process run: its store and outputs (WORLD_SIZE=1, no process group)."""
-    root = tmp_path_factory.mktemp("single")
-    ok(launch("pipeline", root / "store", root, 1))
-    return root
+def runs(tmp_path_factory):
+    """The 2-rank runs (started together, in the background) and the single-process
+    reference (here): ``(reference folder, {mode: (folder, processes)})``."""
+    single = tmp_path_factory.mktemp("single")
+    distributed_worker.write_data(single)
+    started = {}
+    for mode in ("pipeline", "kill", "errors"):
+        folder = tmp_path_factory.mktemp(mode)
+        shutil.copy(single / "data.pt", folder / "data.pt")
+        started[mode] = (folder, start(mode, folder / "store", folder, 2))
+    distributed_worker.run("pipeline", single / "store", single)
+    return single, started
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("two")
-    ok(launch("pipeline", root / "store", root, 2))
-    return root
+def two_ranks(runs):
+    folder, procs = runs[1]["pipeline"]
+    ok(finish(procs))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs[0]
+
+
 
 
 def _features(store, model_id=0):
@@ -106,9 +128,10 @@ def test_two_ranks_attribute_equals_single_process(reference, two_ranks):
         np.testing.assert_allclose(got, tau, rtol=1e-6, atol=1e-6 * np.abs(tau).max())
 
 
-def test_sigkill_of_one_rank_then_resume_with_two_or_one_ranks(reference, tmp_path):
-    store = tmp_path / "store"
-    results = launch("kill", store, tmp_path, 2)
+def test_sigkill_of_one_rank_then_resume_with_two_or_one_ranks(runs, reference, tmp_path):
+    folder, procs = runs[1]["kill"]
+    store = folder / "store"
+    results = finish(procs)
     assert results[1][0] == -9                       # rank 1 killed itself
     assert results[0][0] != 0                        # rank 0 failed instead of hanging
     assert "DistributedError" in results[0][1] and "featurize model_id 0" in results[0][1], \
@@ -118,19 +141,25 @@ def test_sigkill_of_one_rank_then_resume_with_two_or_one_ranks(reference, tmp_pa
     assert finished[10:20].all() and finished[30:40].all() and not finished[70:80].any()
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)
-    ok(launch("resume", store, tmp_path, 2))
-    ok(launch("resume", copy, tmp_path, 1))
+    shutil.copy(folder / "data.pt", tmp_path / "data.pt")
+    two, one = start("resume", store, folder, 2), start("resume", copy, tmp_path, 1)
+    ok(finish(two))
+    ok(finish(one))
     for resumed in (store, copy):
         for model_id in (0, 1):
             for a, b in zip(_features(reference / "store", model_id), _features(resumed, model_id)):
                 np.testing.assert_array_equal(a, b)
 
 
-def test_ranks_with_other_settings_or_unshared_store_raise(tmp_path):
-    results = launch("mismatch", tmp_path / "store", tmp_path, 2)
-    for code, output in results:
-        assert code != 0 and "disagree with rank 0" in output and "proj_dim" in output, output[-2000:]
-    results = launch("unshared", tmp_path / "own", tmp_path, 2)
-    assert all(code != 0 for code, _ in results)
-    assert "file system that every rank shares" in results[1][1], results[1][1][-2000:]
-    assert "DistributedError" in results[0][1], results[0][1][-2000:]
+def test_ranks_with_other_settings_or_unshared_store_raise(runs):
+    folder, procs = runs[1]["errors"]
+    results = finish(procs)
+    ok(results)      # the worker prints the errors it caught
+    for rank, (_, output) in enumerate(results):
+        lines = dict(line.split(": ", 1) for line in output.splitlines()
+                     if line.startswith(("mismatch: ", "unshared: ")))
+        assert lines["mismatch"].startswith("DistributedError") and \
+            "disagree with rank 0" in lines["mismatch"] and "proj_dim" in lines["mismatch"], output
+        expected = "DistributedError" if rank == 0 else "file system that every rank shares"
+        assert expected in lines["unshared"], output
+    assert not (folder / "store").exists()      # nothing written before the settings agreed
