@@ -5,7 +5,8 @@ MASTER_ADDR, MASTER_PORT in the environment; WORLD_SIZE=1 runs without a process
 
 MODE: "pipeline" (TRAK featurize, finalize, targets, score, then attribute), "kill" (rank 1
 SIGKILLs itself in the middle of featurize), "resume" (featurize only), "errors" (rank 1
-passes another proj_dim, then each rank gets its own store directory: both must raise).
+passes another proj_dim, then each rank gets its own store directory, then a loader one
+batch short of train_size: all must raise).
 The digits split is read from OUT/data.pt (written by the test: no scikit-learn import here).
 """
 import datetime
@@ -46,6 +47,11 @@ def run(mode, store, out, rank=0, world=1):
                 TRAK(where, model, train_size=N_TRAIN, proj_dim=proj_dim, progress=False)
             except (DistributedError, ValueError) as exc:
                 print(f"{what}: {type(exc).__name__}: {exc}", flush=True)
+        trak = TRAK(store, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, progress=False)
+        try:        # one batch short: every rank counts the rows and un-marks its own
+            trak.featurize(checkpoints[0], (b for b in train[:-1]), model_id=0)
+        except ValueError as exc:
+            print(f"short: {type(exc).__name__}: {exc}", flush=True)
         return
     trak = TRAK(store, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, progress=False)
     if mode == "kill":

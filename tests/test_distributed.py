@@ -157,9 +157,12 @@ def test_ranks_with_other_settings_or_unshared_store_raise(runs):
     ok(results)      # the worker prints the errors it caught
     for rank, (_, output) in enumerate(results):
         lines = dict(line.split(": ", 1) for line in output.splitlines()
-                     if line.startswith(("mismatch: ", "unshared: ")))
+                     if line.startswith(("mismatch: ", "unshared: ", "short: ")))
         assert lines["mismatch"].startswith("DistributedError") and \
             "disagree with rank 0" in lines["mismatch"] and "proj_dim" in lines["mismatch"], output
         expected = "DistributedError" if rank == 0 else "file system that every rank shares"
         assert expected in lines["unshared"], output
-    assert not (folder / "store").exists()      # nothing written before the settings agreed
+        assert lines["short"].startswith("ValueError: train yielded 110 examples") and \
+            "not kept" in lines["short"], output
+    finished = np.load(folder / "store" / "model_0" / "finished.npy")
+    assert finished.sum() == 0       # both ranks' rows un-marked

@@ -22,6 +22,11 @@ each other's work, and a second job featurizing the same ``model_id`` at the sam
 :class:`~trak_fast.store.StoreBusyError`. Settings are validated before anything is written,
 so a bad argument never leaves a store that later refuses the corrected one.
 
+Under a ``torch.distributed`` process group every method is data-parallel: every rank calls
+it with the same arguments and loader, batch ``b`` is featurized by rank ``b % W``, kernels
+and scores are split by rows and target columns, and rank 0 writes the metadata (see
+:mod:`trak_fast.distributed`, which also turns one rank's failure into an error on all).
+
 Every train and target example is fingerprinted (:mod:`trak_fast.fingerprint`); a resume,
 another checkpoint or an experiment's later targets that see other examples, or the same in
 another order, raise instead of silently pairing rows of different examples.
@@ -205,7 +210,9 @@ class TRAK:
         :class:`~trak_fast.fingerprint.ExampleMismatchError` before the batch is computed.
         Cheap mistakes are caught before any work (:mod:`trak_fast.checks`). Other jobs may featurize other ``model_id``s of the store at the same
         time; a concurrent featurize of this ``model_id`` raises
-        :class:`~trak_fast.store.StoreBusyError`.
+        :class:`~trak_fast.store.StoreBusyError`. Under a process group, rank ``r`` of ``W``
+        computes and writes the batches ``b`` with ``b % W == r`` (rank 0 holds the lock for
+        the job); a resume may use another world size.
         """
         with distributed.step("featurize: checking the arguments"):
             model_id = _check_model_id(model_id)
