@@ -70,6 +70,12 @@ def run(mode, store, out, rank=0, world=1):
     for model_id, checkpoint in enumerate(checkpoints):
         trak.featurize_targets("val", checkpoint, targets, model_id=model_id)
     np.save(os.path.join(out, f"scores_{rank}.npy"), np.array(trak.score("val")))
+    # Raw gradients (1210 features > 120 rows): the dual kernel, computed on rank 0 alone.
+    raw = TRAK(f"{store}_raw", model, train_size=N_TRAIN, proj_dim=None, progress=False)
+    raw.featurize(checkpoints[0], train, model_id=0)
+    raw.finalize()
+    raw.featurize_targets("val", checkpoints[0], targets, model_id=0)
+    np.save(os.path.join(out, f"raw_scores_{rank}.npy"), np.array(raw.score("val")))
     tau = attribute(model, checkpoints, train, targets, proj_dim=PROJ_DIM, progress=False)
     np.save(os.path.join(out, f"attribute_{rank}.npy"), tau.numpy())
 

@@ -5,6 +5,7 @@ Each rank is a fresh ``python tests/distributed_worker.py`` with the environment
 runs the same worker in this process (one torch thread, as the workers). Runs that do not
 depend on each other are started together: the cost is mostly starting Python and torch.
 """
+import json
 import os
 import shutil
 import socket
@@ -117,6 +118,18 @@ def test_two_ranks_features_bitwise_and_scores_equal_single_process(reference, t
     assert np.abs(scores).max() > 0
     for rank in (0, 1):      # every rank returns the full scores
         got = np.load(two_ranks / f"scores_{rank}.npy")
+        np.testing.assert_allclose(got, scores, rtol=1e-6, atol=1e-6 * np.abs(scores).max())
+
+
+def test_two_ranks_dual_kernel_equals_single_process(reference, two_ranks):
+    meta = json.loads((two_ranks / "store_raw" / "metadata.json").read_text())
+    assert [k["form"] for k in meta["models"]["0"]["kernels"]["full/out_to_loss"]] == ["dual"]
+    np.testing.assert_array_equal(np.load(two_ranks / "store_raw" / "model_0" / "features.npy"),
+                                  np.load(reference / "store_raw" / "model_0" / "features.npy"))
+    scores = np.load(reference / "raw_scores_0.npy")
+    assert np.abs(scores).max() > 0
+    for rank in (0, 1):
+        got = np.load(two_ranks / f"raw_scores_{rank}.npy")
         np.testing.assert_allclose(got, scores, rtol=1e-6, atol=1e-6 * np.abs(scores).max())
 
 
