@@ -84,4 +84,9 @@ if __name__ == "__main__":
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     run(sys.argv[1], sys.argv[2], sys.argv[3], rank, world)
-    dist.destroy_process_group()
+    # Every rank done, then exit without tearing the gloo group down: destroy_process_group
+    # while the other rank closes its connections sometimes aborts in gloo ("terminate called
+    # without an active exception"), after all work and outputs are finished.
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
