@@ -78,9 +78,9 @@ def run_trak(model, checkpoints, train, targets, device, seed, save_dir, kind=No
     return times, scores, traker.projector.__class__.__name__
 
 
-def run_trak_fast(model, checkpoints, train, targets, device, kind, save_dir):
+def run_trak_fast(model, checkpoints, train, targets, device, kind, save_dir, nnz=4):
     times = {}
-    trak = TRAK(save_dir, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, kind=kind, seed=0,
+    trak = TRAK(save_dir, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, kind=kind, nnz=nnz, seed=0,
                 device=device, progress=False)
     start = time.perf_counter()
     for model_id, checkpoint in enumerate(checkpoints):
@@ -111,15 +111,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per checkpoint")
-    parser.add_argument("--kind", choices=["default", "rademacher", "gaussian"], default="default",
+    parser.add_argument("--kind", choices=["default", "rademacher", "gaussian", "sparse"], default="default",
                         help="matrix kind on both sides (default: trak's own default for the device, "
-                             "normal on the CPU, and the same kind for trak_fast)")
+                             "normal on the CPU, and the same kind for trak_fast; sparse: trak_fast "
+                             "kind='sparse' against trak's default path, which has no sparse kind)")
+    parser.add_argument("--nnz", type=int, default=4, help="nnz for --kind sparse (default 4)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_pipeline_<device>.json)")
     args = parser.parse_args(argv)
     device = args.device
     # trak uses normal entries on the CPU and Rademacher on a GPU; trak_fast uses the same kind.
     kind = ("gaussian" if device == "cpu" else "rademacher") if args.kind == "default" else args.kind
-    trak_kind = None if args.kind == "default" else args.kind
+    trak_kind = None if args.kind in ("default", "sparse") else args.kind
 
     x, y, xt, yt = digits.load_digits(N_TRAIN, N_TARGETS)
     checkpoints = []
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         fast_times, fast_scores, fast_mean = run_trak_fast(model, checkpoints, train, targets, device,
-                                                           kind, os.path.join(tmp, "fast"))
+                                                           kind, os.path.join(tmp, "fast"), args.nnz)
         trak_times, trak_scores, projector = run_trak(model, checkpoints, train, targets, device, 0,
                                                       os.path.join(tmp, "trak0"), trak_kind)
         _, trak_scores_1, _ = run_trak(model, checkpoints, train, targets, device, 1,
@@ -164,6 +166,7 @@ def main(argv=None) -> dict:
         "load_average_at_end": os.getloadavg(),
         "n_train": N_TRAIN, "n_targets": N_TARGETS, "num_models": NUM_MODELS,
         "proj_dim": PROJ_DIM, "batch_size": BATCH, "lambda_reg": LAMBDA, "kind": kind,
+        "nnz": args.nnz if kind == "sparse" else None,
         "trak_projector": projector, "seconds": results,
         "speedup_total": results["trak 0.3.2"]["total"] / results["trak_fast"]["total"],
         "agreement": agreement,

@@ -8,6 +8,7 @@ and a large shape (B=8, n=2^26, k=2048, where P would be 512 GiB) for peak extra
 
     python benchmarks/bench_project.py                 # CPU table + JSON
     python benchmarks/bench_project.py --device cuda   # the GPU benchmark (bench_project_cuda.py)
+    python benchmarks/bench_project.py --sparse        # kind="sparse" against rademacher (below)
 
 Prints a table and writes JSON (default benchmarks/results/bench_project_cpu.json).
 """
@@ -138,6 +139,93 @@ def bench_large(batch: int, n: int, k: int):
             "finite": child["finite"]}
 
 
+# ---- kind="sparse" ------------------------------------------------------------------------
+# One run: kind="rademacher" and kind="sparse" at several nnz on the same grads, the ratio of
+# their times, and the peak extra memory of the sparse kind at two n (it must not grow with n).
+
+_SPARSE_MEMORY_CHILD = r"""
+import json, sys, time, torch, trak_fast
+batch, n, k, nnz = map(int, sys.argv[1:5])
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+grads = torch.randn(batch, n)
+out = torch.zeros(batch, k)
+trak_fast.project(grads[:, :4096], k, kind="sparse", nnz=nnz)  # start the thread pool
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS:")
+start = time.perf_counter()
+trak_fast.project(grads, k, kind="sparse", nnz=nnz, out=out)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_extra_bytes": status("VmHWM:") - before}))
+"""
+
+
+def bench_sparse(batch: int, n: int, k: int, repeat: int, nnzs=(1, 4, 16)):
+    import subprocess
+
+    import trak_fast
+
+    grads = torch.randn(batch, n)
+    t_rad = median_time(lambda: trak_fast.project(grads, k, kind="rademacher"), repeat)
+    rows = [{"kind": "rademacher", "nnz": None, "B": batch, "n": n, "k": k, "project_s": t_rad,
+             "speedup_vs_rademacher": 1.0}]
+    for nnz in nnzs:
+        # Sanity check on a slice against the float64 oracle.
+        part = grads[:, :20000]
+        ref = part.double() @ trak_fast.projection_matrix(20000, k, kind="sparse", nnz=nnz, dtype=torch.float64)
+        err = rel_err(trak_fast.project(part, k, kind="sparse", nnz=nnz), ref)
+        assert err < 1e-5, f"sparse project disagrees with the oracle: {err}"
+        t = median_time(lambda: trak_fast.project(grads, k, kind="sparse", nnz=nnz), repeat)
+        rows.append({"kind": "sparse", "nnz": nnz, "B": batch, "n": n, "k": k, "project_s": t,
+                     "speedup_vs_rademacher": t_rad / t, "rel_err_vs_oracle": err})
+    del grads
+    memory = []
+    for mem_n in (n, 4 * n):
+        proc = subprocess.run([sys.executable, "-c", _SPARSE_MEMORY_CHILD, str(batch), str(mem_n), str(k), "4"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            memory.append({"n": mem_n, "error": proc.stderr[-2000:]})
+            continue
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        memory.append({"B": batch, "n": mem_n, "k": k, "nnz": 4, "seconds": child["seconds"],
+                       "input_MiB": batch * mem_n * 4 / 2**20,
+                       "peak_extra_MiB": child["peak_extra_bytes"] / 2**20})
+    return rows, memory
+
+
+def sparse_main(args) -> int:
+    import trak_fast
+
+    meta = {"machine": f"{cpu_model()} ({cpu_flags()})", "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "trak_fast": trak_fast.__version__, "dtype": "float32",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rows, memory = bench_sparse(args.batch, args.n, args.k, args.repeat)
+    print(f"# {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, float32")
+    print("| kind | nnz | B | n | k | project (s) | speedup vs rademacher |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['nnz'] or '-'} | {r['B']} | {r['n']} | {r['k']} | {r['project_s']:.3f} | "
+              f"{r['speedup_vs_rademacher']:.1f}x |")
+    print("\n| sparse nnz=4: n | input (MiB) | seconds | peak extra memory (MiB) |")
+    print("|---|---|---|---|")
+    for m in memory:
+        if "error" in m:
+            print(f"| {m['n']} | error: {m['error'][-200:]} |")
+        else:
+            print(f"| {m['n']} | {m['input_MiB']:.0f} | {m['seconds']:.3f} | {m['peak_extra_MiB']:.1f} |")
+    out = args.out or os.path.join(HERE, "results", "bench_project_sparse_cpu.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "memory": memory}, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -148,7 +236,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-trak", action="store_true", help="skip MadryLab trak's BasicProjector")
     parser.add_argument("--no-large", action="store_true", help="skip the B=8, n=2^26, k=2048 memory run")
     parser.add_argument("--out", default=None, help="JSON path")
+    parser.add_argument("--sparse", action="store_true", help="only the kind='sparse' section")
     args, rest = parser.parse_known_args(argv)
+    if args.sparse and args.device == "cpu":
+        return sparse_main(args)
 
     if args.device == "cuda":
         import bench_project_cuda

@@ -11,6 +11,7 @@ across subsets, averaged over targets, with a bootstrap 95% interval over target
 Side by side, on the same checkpoints (M models trained on the full train set, seeds 0..M-1) and the
 same subsets:
   * trak_fast TRAK (``trak_fast.attribute``, defaults) for M in {1,2,5,10,20}, k in {512, 2048, none};
+  * the same with kind="sparse", nnz in {1, 4, 16}, at M = 5, k = 512 (--sparse-nnz);
   * MadryLab trak 0.3.2 (CPU path: BasicProjector, float32, its default lambda = 0) at M = 5, k = 512;
   * a gradient dot product (TracIn-style, one checkpoint-averaged step): mean_m Q_m,i <g_m,i, g_m,z>;
   * random scores (the floor, ~0);
@@ -448,6 +449,12 @@ def run(args: argparse.Namespace) -> dict:
             for M in (args.trak032_models if first else [args.headline_models]):
                 cached({"group": "main", "method": "trak 0.3.2", "M": M, "proj_dim": 512, "lambda": 0.0},
                        lambda: trak032_scores(problem, ckpts[:M], 512))
+        if first:   # kind="sparse" at the headline M, k = 512 (Rademacher's row is above)
+            for nnz in args.sparse_nnz:
+                cached({"group": "main", "method": f"trak_fast sparse nnz={nnz}", "M": args.headline_models,
+                        "proj_dim": 512, "lambda": DEFAULT_LAMBDA_REL},
+                       lambda: trak_fast_scores(problem, ckpts[:args.headline_models], 512, kind="sparse",
+                                                nnz=nnz).to(torch.float64))
         for M in sorted({1, args.headline_models} & set(models)):
             cached({"group": "main", "method": "gradient dot product", "M": M, "proj_dim": None, "lambda": None},
                    lambda: grad_dot_scores(problem, ckpts[:M]))
@@ -585,6 +592,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--headline-models", type=int, default=5,
                    help="M of the second data sets' method comparison (default 5)")
     p.add_argument("--lambdas", type=float, nargs="*", default=[1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+    p.add_argument("--sparse-nnz", type=int, nargs="*", default=[1, 4, 16],
+                   help="nnz values of kind='sparse' rows (M = --headline-models, k = 512)")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: these models are tiny, and on a shared machine extra "

@@ -10,6 +10,7 @@
 
 #include "project.h"
 #include "trak_fast/random_matrix.h"
+#include "trak_fast/sparse_matrix.h"
 
 // `import trak_fast._C` loads this library, which runs the static registrations below.
 extern "C" {
@@ -74,6 +75,27 @@ void check_matrix_args(const at::Tensor& out, int64_t seed, int64_t kind, int64_
 }
 
 namespace {
+void check_nnz(int64_t nnz, int64_t k) {
+  TORCH_CHECK(nnz >= 1 && nnz <= kMaxSparseNnz, "trak_fast: nnz must be in [1, ", kMaxSparseNnz,
+              "], got ", nnz);
+  TORCH_CHECK(nnz <= k, "trak_fast: nnz must be at most proj_dim (", k, "), got ", nnz);
+  TORCH_CHECK(k < (int64_t(1) << 31), "trak_fast: proj_dim must be below 2^31, got ", k);
+}
+}  // namespace
+
+void check_sparse_project_args(const at::Tensor& out, at::TensorList grads, int64_t seed,
+                               int64_t nnz, int64_t feature_offset) {
+  check_project_args(out, grads, seed, kRademacher, feature_offset, kFp32);
+  check_nnz(nnz, out.size(1));
+}
+
+void check_sparse_matrix_args(const at::Tensor& out, int64_t seed, int64_t nnz,
+                              int64_t feature_offset) {
+  check_matrix_args(out, seed, kRademacher, feature_offset);
+  check_nnz(nnz, out.size(1));
+}
+
+namespace {
 
 at::ScalarType result_dtype(at::TensorList grads) {
   for (const at::Tensor& g : grads) {
@@ -97,6 +119,20 @@ at::Tensor project(at::TensorList grads, int64_t proj_dim, int64_t seed, int64_t
   return out;
 }
 
+at::Tensor project_sparse(at::TensorList grads, int64_t proj_dim, int64_t seed, int64_t nnz,
+                          int64_t feature_offset, double scale) {
+  TORCH_CHECK(!grads.empty(), "trak_fast: grads must hold at least one tensor");
+  TORCH_CHECK(proj_dim > 0, "trak_fast: proj_dim must be positive, got ", proj_dim);
+  at::Tensor out = at::zeros({grads[0].size(0), proj_dim},
+                             grads[0].options().dtype(result_dtype(grads)));
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("trak_fast::project_sparse_add_", "")
+                       .typed<void(const at::Tensor&, at::TensorList, int64_t, int64_t, int64_t,
+                                   double)>();
+  op.call(out, grads, seed, nnz, feature_offset, scale);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(trak_fast, m) {
@@ -109,9 +145,21 @@ TORCH_LIBRARY(trak_fast, m) {
   m.def(
       "fill_projection_matrix_(Tensor(a!) out, int seed, int kind, int feature_offset, "
       "float scale) -> ()");
+  // kind="sparse": nnz nonzeros per row (trak_fast/sparse_matrix.h).
+  m.def(
+      "project_sparse_add_(Tensor(a!) out, Tensor[] grads, int seed, int nnz, int feature_offset, "
+      "float scale) -> ()");
+  m.def(
+      "project_sparse(Tensor[] grads, int proj_dim, int seed, int nnz, int feature_offset, "
+      "float scale) -> Tensor");
+  m.def(
+      "fill_sparse_matrix_(Tensor(a!) out, int seed, int nnz, int feature_offset, float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(trak_fast, CompositeExplicitAutograd, m) { m.impl("project", &project); }
+TORCH_LIBRARY_IMPL(trak_fast, CompositeExplicitAutograd, m) {
+  m.impl("project", &project);
+  m.impl("project_sparse", &project_sparse);
+}
 
 TORCH_LIBRARY_IMPL(trak_fast, CPU, m) {
   m.impl("project_add_", &project_add_cpu);

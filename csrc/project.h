@@ -17,16 +17,31 @@ void project_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, 
 void fill_projection_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t kind,
                                 int64_t feature_offset, double scale);
 
+// kind="sparse" (trak_fast/sparse_matrix.h): the same contract with R the sparse matrix
+// of `nnz` nonzeros per row for k = out.size(1).
+void project_sparse_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, int64_t nnz,
+                            int64_t feature_offset, double scale);
+void fill_sparse_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t nnz, int64_t feature_offset,
+                            double scale);
+
 #ifdef TRAK_FAST_WITH_CUDA
 void project_add_cuda(const at::Tensor& out, at::TensorList grads, int64_t seed, int64_t kind,
                       int64_t feature_offset, double scale, int64_t precision);
 void fill_projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind,
                                  int64_t feature_offset, double scale);
+void project_sparse_add_cuda(const at::Tensor& out, at::TensorList grads, int64_t seed, int64_t nnz,
+                             int64_t feature_offset, double scale);
+void fill_sparse_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t nnz, int64_t feature_offset,
+                             double scale);
 #endif
 
 // Argument checks shared by every backend; each message names the argument.
 void check_project_args(const at::Tensor& out, at::TensorList grads, int64_t seed, int64_t kind,
                         int64_t feature_offset, int64_t precision);
 void check_matrix_args(const at::Tensor& out, int64_t seed, int64_t kind, int64_t feature_offset);
+void check_sparse_project_args(const at::Tensor& out, at::TensorList grads, int64_t seed,
+                               int64_t nnz, int64_t feature_offset);
+void check_sparse_matrix_args(const at::Tensor& out, int64_t seed, int64_t nnz,
+                              int64_t feature_offset);
 
 }  // namespace trak_fast

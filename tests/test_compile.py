@@ -71,3 +71,16 @@ def test_dynamic_batch_size_compiles_once():
         assert out.shape == (batch, 64)
         assert torch.allclose(out, normalized_features(g), rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
+
+
+def sparse_features_with_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = trak_fast.project({"w": a}, 32, seed=1, kind="sparse", nnz=3)
+    return trak_fast.project([b], 32, seed=1, kind="sparse", nnz=3, feature_offset=a[0].numel(), out=out)
+
+
+def test_sparse_kind_traces_without_breaks():
+    a, b = torch.randn(4, 5, 6), torch.randn(4, 7)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(sparse_features_with_out, backend=counter, fullgraph=True)
+    assert torch.allclose(compiled(a, b), sparse_features_with_out(a, b), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1

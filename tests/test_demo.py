@@ -82,7 +82,7 @@ def test_draw_without_matplotlib_says_how_to_install(monkeypatch, tmp_path, caps
     (["--device", "tpu"], "'tpu'"),
     (["--device", "banana"], "unknown device 'banana'"),
     (["--proj-dim", "-5"], "--proj-dim must be >= 1"),
-    (["--kind", "sparse"], "invalid choice: 'sparse'"),
+    (["--kind", "dense"], "invalid choice: 'dense'"),
     (["--lds-subsets", "1"], "--lds-subsets: must be 0 (skip) or >= 2"),
 ])
 def test_bad_options_are_clear_errors(argv, message, capsys):

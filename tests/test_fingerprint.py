@@ -9,8 +9,9 @@ import torch
 from trak_fast import digits
 from trak_fast.attribute import attribute
 from trak_fast.fingerprint import (FULL_ELEMENTS, ExampleMismatchError, example_hashes)
-from trak_fast.tasks import ClassificationTask
 from trak_fast.trak import TRAK
+
+from counting_task import CountingTask
 
 N_TRAIN, N_TARGETS, BATCH, PROJ_DIM = 60, 6, 10, 16
 
@@ -26,25 +27,6 @@ def setup():
         digits.train(model, x, y, epochs=2, seed=seed)
         checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
     return model, checkpoints, (x, y, xt, yt), extra
-
-
-class CountingTask(ClassificationTask):
-    """Counts calls that compute gradients' model outputs (any gradient path calls one of them)."""
-
-    def __init__(self):
-        self.gradient_calls = 0
-
-    def output(self, model, example):
-        self.gradient_calls += 1
-        return super().output(model, example)
-
-    def outputs(self, model, batch):
-        self.gradient_calls += 1
-        return super().outputs(model, batch)
-
-    def outputs_and_out_to_loss(self, model, batch):
-        self.gradient_calls += 1
-        return super().outputs_and_out_to_loss(model, batch)
 
 
 def one_shot(batches):

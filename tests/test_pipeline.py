@@ -315,7 +315,7 @@ def test_bad_arguments_raise(data, trained):
     with pytest.raises(ValueError, match="task must be"):
         featurize(model, model.state_dict(), batches, task="ranking")
     with pytest.raises(ValueError, match="kind must be one of"):
-        featurize(model, model.state_dict(), batches, kind="sparse")
+        featurize(model, model.state_dict(), batches, kind="dense")
     with pytest.raises(TypeError, match=r"expects \(inputs, labels\) batches"):
         featurize(model, model.state_dict(), [data[0][:5]], proj_dim=8)
 

@@ -152,7 +152,7 @@ def test_not_differentiable():
         (lambda: project(torch.ones(2, 5), 0), ValueError, "proj_dim"),
         (lambda: project(torch.ones(2, 5), -3), ValueError, "proj_dim"),
         (lambda: project(torch.ones(2, 5), 4.0), TypeError, "proj_dim"),
-        (lambda: project(torch.ones(2, 5), 4, kind="sparse"), ValueError, "kind"),
+        (lambda: project(torch.ones(2, 5), 4, kind="dense"), ValueError, "kind"),
         (lambda: project(torch.ones(2, 5), 4, feature_offset=-1), ValueError, "feature_offset"),
         (lambda: project(torch.ones(2, 5), 4, seed=-1), ValueError, "seed"),
         (lambda: project(torch.ones(2, 5), 4, seed=2**63), ValueError, "seed"),

@@ -139,4 +139,4 @@ def test_settings_reach_the_project_call(monkeypatch):
     monkeypatch.setattr(projector_module, "project", spy)
     Projector(16, seed=1, kind="gaussian", precision="bf16", scale=0.5)(torch.randn(2, 10), model_id=3)
     assert seen == {"proj_dim": 16, "seed": model_seed(1, 3), "kind": "gaussian", "feature_offset": 0,
-                    "out": None, "precision": "bf16", "scale": 0.5}
+                    "out": None, "precision": "bf16", "scale": 0.5, "nnz": 4}

@@ -13,29 +13,11 @@ from torch import nn
 from trak_fast import digits
 from trak_fast.attribute import attribute
 from trak_fast.featurize import featurize
-from trak_fast.tasks import ClassificationTask
 from trak_fast.trak import TRAK
 
+from counting_task import CountingTask
+
 N_TRAIN, N_TARGETS, BATCH, PROJ_DIM = 60, 6, 10, 16
-
-
-class CountingTask(ClassificationTask):
-    """Counts calls that compute gradients' model outputs (any gradient path calls one)."""
-
-    def __init__(self):
-        self.gradient_calls = 0
-
-    def output(self, model, example):
-        self.gradient_calls += 1
-        return super().output(model, example)
-
-    def outputs(self, model, batch):
-        self.gradient_calls += 1
-        return super().outputs(model, batch)
-
-    def outputs_and_out_to_loss(self, model, batch):
-        self.gradient_calls += 1
-        return super().outputs_and_out_to_loss(model, batch)
 
 
 @pytest.fixture(scope="module")

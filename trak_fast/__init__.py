@@ -8,7 +8,7 @@ kernel, scores). Compatibility with MadryLab's trak and fast_jl lives in
 """
 from .projection import model_seed, project, projection_matrix
 from .projector import Projector
-from .tasks import ClassificationTask, RegressionTask, Task
+from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
 from .featurize import Features, Featurizer, featurize, target_features
 from .kernel import DEFAULT_LAMBDA_REL, Kernel, RegularizedInverse, compute_kernel, kernel_matrix
 from .score import model_scores
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "project", "projection_matrix", "model_seed", "Projector",
     "attribute", "TRAK",
-    "Task", "ClassificationTask", "RegressionTask",
+    "Task", "ClassificationTask", "RegressionTask", "LanguageModelingTask",
     "featurize", "target_features", "Features", "Featurizer",
     "kernel_matrix", "compute_kernel", "Kernel", "RegularizedInverse", "DEFAULT_LAMBDA_REL",
     "model_scores",

@@ -20,7 +20,7 @@ from . import checks, distributed
 from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, FeatureSpec, _check_grad_memory,
                         Featurizer, featurize, num_grad_params)
 from .fingerprint import Ledger
-from .projection import _MAX_SEED, _check_int, _check_kind
+from .projection import _MAX_SEED, _check_int, _check_kind, _check_nnz
 from .kernel import compute_kernels, kernel_blocks, kernel_row_weights, resolve_kernel_weights
 from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .tasks import Task, get_task
@@ -35,7 +35,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
               projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
               kernel: str = "full", kernel_weights: Optional[str] = None,
-              progress: bool = True) -> torch.Tensor:
+              progress: bool = True, nnz: int = 4) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
     Args:
@@ -51,6 +51,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             :class:`~trak_fast.Task`.
         proj_dim: ``k``; ``None`` uses the raw gradients as features.
         kind, seed: the projection; checkpoint m uses ``model_seed(seed, m)``.
+        nnz: nonzeros per row for ``kind="sparse"``.
         lambda_reg, relative_lambda: the damping. Defaults: for ``ensemble="mean"``,
             ``lambda = DEFAULT_LAMBDA_REL * tr(Phi^T Phi) / n`` (relative, scale-free); for
             ``ensemble="trak"``, ``lambda_reg = 0`` absolute, as MadryLab trak. Pass
@@ -100,7 +101,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     FeatureSpec(model, task, proj_dim=proj_dim, grad_wrt=grad_wrt, gradients=gradients,
                 projection=projection, factored_dims=factored_dims)     # validates them
-    _check_kind(kind)
+    kind_id = _check_kind(kind)
+    if proj_dim is not None:
+        _check_nnz(nnz, kind_id, proj_dim)
     _check_int("seed", seed, 0, _MAX_SEED)
     _check_grad_memory(grad_memory)
     compute_device = distributed.local_device(checks.compute_device(model, device), device)
@@ -112,7 +115,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
                                     device=compute_device, passes=len(checkpoints))
     del run      # frees this copy of checkpoint 0's tensors before featurizing makes its own
 
-    settings = dict(task=task, proj_dim=proj_dim, kind=kind, seed=seed, grad_wrt=grad_wrt,
+    settings = dict(task=task, proj_dim=proj_dim, kind=kind, nnz=nnz, seed=seed, grad_wrt=grad_wrt,
                     device=compute_device, grad_memory=grad_memory, gradients=gradients,
                     projection=projection, factored_dims=factored_dims, progress=progress)
     score_sum = None

@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="number of models in the ensemble (default 5)")
     parser.add_argument("--proj-dim", type=_proj_dim, default=2048,
                         help="projection dimension k, or 'none' for raw gradients (default 2048)")
-    parser.add_argument("--kind", choices=["rademacher", "gaussian"], default="rademacher",
+    parser.add_argument("--kind", choices=["rademacher", "gaussian", "sparse"], default="rademacher",
                         help="random projection kind (default rademacher)")
+    parser.add_argument("--nnz", type=_positive_int("--nnz"), default=4,
+                        help="nonzeros per row for --kind sparse (1..64, default 4)")
     parser.add_argument("--device", type=_device, default=torch.device("cpu"),
                         help="where TRAK runs: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
@@ -288,7 +290,7 @@ def _run(args: argparse.Namespace, attribute) -> int:
     k = "none (raw gradients)" if args.proj_dim is None else args.proj_dim
     print(f"  TRAK: M = {args.models}, k = {k}, {args.kind}, device {args.device}")
     scores = clock.run("TRAK", attribute, digits.make_mlp(seed=args.seed), ckpts, digits.batches(x, y),
-                       digits.batches(xt, yt), proj_dim=args.proj_dim, kind=args.kind, seed=args.seed,
+                       digits.batches(xt, yt), proj_dim=args.proj_dim, kind=args.kind, nnz=args.nnz, seed=args.seed,
                        device=args.device, progress=False)
     scores = scores.detach().cpu()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +316,7 @@ def _run(args: argparse.Namespace, attribute) -> int:
     for name, seconds in clock.times.items():
         print(f"  {name:<16} {seconds:7.1f} s")
     print(f"  {'total':<16} {total:7.1f} s")
-    summary = {"settings": {"models": args.models, "proj_dim": args.proj_dim, "kind": args.kind,
+    summary = {"settings": {"models": args.models, "proj_dim": args.proj_dim, "kind": args.kind, "nnz": args.nnz,
                             "device": str(args.device), "n_train": len(x), "n_targets": len(xt),
                             "quick": args.quick, "seed": args.seed},
                "accuracy": {"per_model": accs, "ensemble": (predicted == yt).float().mean().item()},

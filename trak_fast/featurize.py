@@ -36,7 +36,7 @@ from .gradients.factored import FactoredMatrices, check_factored_dims, factored_
 from .layout import FeatureBlock, layer_blocks, layer_of, parameter_layout, per_layer_dims
 from .gradients.hooks import LayerTap, backward_through_taps, tapped
 from .gradients.vmap import parameter_groups, per_example_grads, slice_batch
-from .projection import _check_kind, model_seed, project
+from .projection import _check_kind, _check_nnz, model_seed, project
 from .tasks import Task, get_task
 
 Batch = Any
@@ -202,6 +202,7 @@ class Featurizer:
         proj_dim: ``k`` of the dense projection; ``None`` keeps the raw gradients (``k = p``,
             parameter order). Not used by ``projection="factored"``.
         kind, seed, model_id: the projection matrix ``P_m``, seed ``model_seed(seed, model_id)``.
+        nnz: nonzeros per row for ``kind="sparse"`` (dense projection only).
         grad_wrt: names of the parameters to differentiate (``None``: all), in model order.
         device: where gradients are computed (``None``: the model's parameter device).
         grad_memory: bytes one group of per-example gradients may take.
@@ -222,13 +223,15 @@ class Featurizer:
                  kind: str = "rademacher", seed: int = 0, model_id: int = 0,
                  grad_wrt: Optional[Sequence[str]] = None, device: Optional[Device] = None,
                  grad_memory: int = DEFAULT_GRAD_MEMORY, gradients: str = "auto",
-                 projection: str = "dense", factored_dims: Optional[Sequence[int]] = None):
+                 projection: str = "dense", factored_dims: Optional[Sequence[int]] = None,
+                 nnz: int = 4):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
         self.kind = kind
+        self.nnz = nnz
         self.seed = model_seed(seed, model_id)
         self.device = torch.device(device) if device is not None else model_device(model)
         self.grad_memory = grad_memory
@@ -237,7 +240,12 @@ class Featurizer:
         self.projection = projection
         spec = FeatureSpec(model, self.task, proj_dim=proj_dim, grad_wrt=grad_wrt,
                            gradients=gradients, projection=projection, factored_dims=factored_dims)
-        _check_kind(kind)
+        kind_id = _check_kind(kind)
+        if spec.proj_dim is not None:
+            _check_nnz(nnz, kind_id, spec.proj_dim)
+        if kind == "sparse" and projection == "factored":
+            raise ValueError("kind='sparse' is a dense projection kind; projection='factored' "
+                             "takes kind='rademacher' or 'gaussian'")
         self.plan, self.factored_dims = spec.plan, spec.factored_dims
         self.grad_names, self.num_grad_params = spec.grad_names, spec.num_grad_params
         self.proj_dim, self.num_features, self.layout = spec.proj_dim, spec.num_features, spec.layout
@@ -272,9 +280,10 @@ class Featurizer:
             layer = layer_of(name)
             c0, c1 = self.layer_columns[layer]
             phi[start:stop, c0:c1] += project([grad], c1 - c0, seed=name_seed(self.seed, layer),
-                                              kind=self.kind, feature_offset=self.offsets[name])
+                                              kind=self.kind, nnz=self.nnz,
+                                              feature_offset=self.offsets[name])
         else:
-            project([grad], self.proj_dim, seed=self.seed, kind=self.kind,
+            project([grad], self.proj_dim, seed=self.seed, kind=self.kind, nnz=self.nnz,
                     feature_offset=self.offsets[name], out=phi[start:stop])
 
     def _budget(self) -> int:
@@ -302,7 +311,7 @@ class Featurizer:
                 # parameters between them break a run).
                 for run in self._consecutive_runs(group_names):
                     project([grads[n] for n in run], self.proj_dim, seed=self.seed,
-                            kind=self.kind, feature_offset=self.offsets[run[0]],
+                            kind=self.kind, nnz=self.nnz, feature_offset=self.offsets[run[0]],
                             out=phi[start:stop])
                 del grads       # before the next slice's gradients exist
 
@@ -472,7 +481,8 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
               gradients: str = "auto", projection: str = "dense",
               factored_dims: Optional[Sequence[int]] = None,
               progress: bool = False, out_to_loss: bool = True, what: str = "train",
-              before_batch: Optional[Callable[[str, int, Batch], None]] = None) -> Features:
+              before_batch: Optional[Callable[[str, int, Batch], None]] = None,
+              nnz: int = 4) -> Features:
     """Features of every example in ``batches`` under one checkpoint, in memory.
 
     Returns ``Features(phi [n, k], out_to_loss [n])`` on the CPU: ``phi`` float32 (float64 for
@@ -491,7 +501,7 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
                             device=compute_device(model, device)
                             if isinstance(model, torch.nn.Module) else device,
                             grad_memory=grad_memory, gradients=gradients, projection=projection,
-                            factored_dims=factored_dims)
+                            factored_dims=factored_dims, nnz=nnz)
     phis: List[torch.Tensor] = []
     qs: List[torch.Tensor] = []
     shapes = None

@@ -5,6 +5,29 @@ The matrix. ``P = R / sqrt(proj_dim)``, where ``R[i, j]`` is a pure function of
 ``csrc/include/trak_fast/random_matrix.h`` and the README). ``kind="rademacher"`` gives
 entries ``+-1/sqrt(k)``, ``kind="gaussian"`` entries ``N(0, 1/k)``; either way
 ``E ||P^T g||^2 = ||g||^2``. P is never stored: its tiles are generated where they are used.
+
+``kind="sparse"`` (``csrc/include/trak_fast/sparse_matrix.h``) is a sparse
+Johnson-Lindenstrauss transform, Kane and Nelson's block construction: ``P = R / sqrt(c)``
+with ``c = nnz``, the columns cut into ``c`` groups of ``m_l = floor(k/c)`` or
+``ceil(k/c)`` columns, and row ``i``'s ``l``-th nonzero a sign ``s_l(i) = +-1`` in group
+``l``, at ``start_l + sigma_{l,b}(i mod m_l)``, where ``sigma_{l,b}`` is a keyed Feistel
+permutation of ``[0, m_l)`` for the block ``b = floor(i / m_l)`` of consecutive rows. So
+each row has exactly ``c`` nonzeros in distinct columns (``||P^T e_i|| = 1`` exactly) and
+each column receives exactly one group-``l`` nonzero from every block.
+
+The JL argument. Write ``y = P^T g``. Then
+``||y||^2 = ||g||^2 + (1/c) sum_l sum_{i != i'} g_i g_i' s_l(i) s_l(i') [col_l(i) = col_l(i')]``
+(the diagonal terms give ``||g||^2`` exactly, because a row's ``c`` nonzeros are in
+distinct columns). The signs are independent and centred, so ``E ||y||^2 = ||g||^2``,
+and the terms are uncorrelated, so
+``Var ||y||^2 = (2/c^2) sum_l sum_{i != i'} g_i^2 g_i'^2 Pr[col_l(i) = col_l(i')]``.
+Two rows of the same block never collide (``sigma`` is a permutation); rows of different
+blocks collide with probability ``1/m_l`` (independent keys), so
+``Var ||y||^2 <= (2/(c^2)) * c * (1/min m_l) * ||g||^4 ~= 2 ||g||^4 / k``: the variance of a
+dense Rademacher projection. Concentration beyond the second moment (Kane and Nelson,
+"Sparser Johnson-Lindenstrauss transforms", JACM 2014) needs ``c = O(eps^-1 log(1/delta))``
+nonzeros; TRAK-style use (k in the thousands, c of 1-16) is the regime GraSS measures.
+tests/test_sparse.py checks the mean and the variance formula above over many seeds.
 """
 from __future__ import annotations
 
@@ -19,6 +42,7 @@ Grads = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 
 _MAX_SEED = 2**63
 _MAX_OFFSET = 2**62
+MAX_NNZ = 64
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -42,9 +66,18 @@ def _check_precision(precision: str) -> int:
     return _ops.PRECISIONS[precision]
 
 
-def _check_scale(scale, proj_dim: int) -> float:
+def _check_nnz(nnz, kind_id: int, proj_dim: int) -> int:
+    """nnz is checked for every kind (an int in [1, 64]), compared with proj_dim for sparse."""
+    _check_int("nnz", nnz, 1, MAX_NNZ + 1)
+    if kind_id == _ops.SPARSE and nnz > proj_dim:
+        raise ValueError(f"nnz must be at most proj_dim ({proj_dim}) for kind='sparse', got {nnz}")
+    return nnz
+
+
+def _check_scale(scale, proj_dim: int, nnz: Optional[int] = None) -> float:
+    """scale=None means 1/sqrt(proj_dim) for the dense kinds, 1/sqrt(nnz) for sparse."""
     if scale is None:
-        return 1.0 / math.sqrt(proj_dim)
+        return 1.0 / math.sqrt(proj_dim if nnz is None else nnz)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a real number (or None for 1/sqrt(proj_dim)), got {type(scale).__name__}")
     if not math.isfinite(scale):
@@ -105,6 +138,7 @@ def project(
     out: Optional[torch.Tensor] = None,
     precision: str = "fp32",
     scale: Optional[float] = None,
+    nnz: int = 4,
 ) -> torch.Tensor:
     r"""Projects per-example feature rows onto ``proj_dim`` random directions.
 
@@ -119,15 +153,19 @@ def project(
             float16, bfloat16, float32 or float64; any strides; CPU or CUDA.
         proj_dim: ``k``, the number of output features (any positive int).
         seed: selects the matrix; any int in ``[0, 2**63)``.
-        kind: ``"rademacher"`` (entries ``+-1/sqrt(k)``) or ``"gaussian"`` (``N(0, 1/k)``).
+        kind: ``"rademacher"`` (entries ``+-1/sqrt(k)``), ``"gaussian"`` (``N(0, 1/k)``) or
+            ``"sparse"`` (``nnz`` entries ``+-1/sqrt(nnz)`` per row; see the module docstring).
         feature_offset: index of the first row of P used, so that
             ``project(a, k) + project(b, k, feature_offset=a_width) == project([a, b], k)``.
         out: optional ``[B, k]`` tensor to **add** the projection into (and return).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the CUDA kernel
             (see the README for each one's error). The CPU always computes in fp32 (fp64
-            for fp64 input).
-        scale: multiplies the result instead of ``1/sqrt(k)``; ``scale=1`` gives the
-            unscaled matrix R (the convention of MadryLab's trak).
+            for fp64 input). ``kind="sparse"`` ignores it: its sums are float32 (float64
+            for float64 input) on either device.
+        scale: multiplies the result instead of ``1/sqrt(k)`` (``1/sqrt(nnz)`` for sparse);
+            ``scale=1`` gives the unscaled matrix R (the convention of MadryLab's trak).
+        nnz: nonzeros per row for ``kind="sparse"``, an int in ``[1, min(64, k)]``; the
+            dense kinds check its type and range only.
 
     Returns:
         ``[B, k]``, float32 (float64 when any input is float64), or ``out``.
@@ -140,7 +178,9 @@ def project(
     _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET)
     kind_id = _check_kind(kind)
     precision_id = _check_precision(precision)
-    scale = _check_scale(scale, proj_dim)
+    nnz = _check_nnz(nnz, kind_id, proj_dim)
+    sparse = kind_id == _ops.SPARSE
+    scale = _check_scale(scale, proj_dim, nnz if sparse else None)
     batch = pieces[0].shape[0]
     width = sum(g.numel() // batch for g in pieces) if batch > 0 else 0
     if feature_offset + width > _MAX_OFFSET:
@@ -149,6 +189,8 @@ def project(
     needs_grad = torch.is_grad_enabled() and any(g.requires_grad for g in pieces)
 
     if out is None:
+        if sparse:
+            return _ops.ops.project_sparse(pieces, proj_dim, seed, nnz, feature_offset, scale)
         return _ops.ops.project(pieces, proj_dim, seed, kind_id, feature_offset, scale, precision_id)
 
     if not isinstance(out, torch.Tensor) or out.layout != torch.strided or out.is_nested:
@@ -163,9 +205,14 @@ def project(
         raise ValueError(f"out is on {out.device}, expected {pieces[0].device} (the device of grads)")
     if needs_grad:
         # Keep autograd's view of the computation (and its clear error on backward).
+        if sparse:
+            return out.add_(_ops.ops.project_sparse(pieces, proj_dim, seed, nnz, feature_offset, scale))
         return out.add_(_ops.ops.project(pieces, proj_dim, seed, kind_id, feature_offset, scale,
                                          precision_id))
-    _ops.ops.project_add_(out, pieces, seed, kind_id, feature_offset, scale, precision_id)
+    if sparse:
+        _ops.ops.project_sparse_add_(out, pieces, seed, nnz, feature_offset, scale)
+    else:
+        _ops.ops.project_add_(out, pieces, seed, kind_id, feature_offset, scale, precision_id)
     return out
 
 
@@ -179,23 +226,27 @@ def projection_matrix(
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
     scale: Optional[float] = None,
+    nnz: int = 4,
 ) -> torch.Tensor:
     """Rows ``feature_offset .. feature_offset + n - 1`` of P, materialized: ``[n, proj_dim]``.
 
     The oracle for every fast path (``project(g, k) == g @ projection_matrix(n, k)`` up to
     rounding) and a debugging tool. Entries are defined in float32; for ``dtype=float64``
-    the float32 entry is scaled in float64. ``scale`` as in :func:`project`.
+    the float32 entry is scaled in float64. ``scale`` and ``nnz`` as in :func:`project`.
     """
     _check_int("n", n, 0, _MAX_OFFSET)
     _check_int("proj_dim", proj_dim, 1, 2**31)
     _check_int("seed", seed, 0, _MAX_SEED)
     _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET - n)
     kind_id = _check_kind(kind)
+    nnz = _check_nnz(nnz, kind_id, proj_dim)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    scale = _check_scale(scale, proj_dim)
     out = torch.empty((n, proj_dim), device=device, dtype=dtype)
-    _ops.ops.fill_projection_matrix_(out, seed, kind_id, feature_offset, scale)
+    if kind_id == _ops.SPARSE:
+        _ops.ops.fill_sparse_matrix_(out, seed, nnz, feature_offset, _check_scale(scale, proj_dim, nnz))
+    else:
+        _ops.ops.fill_projection_matrix_(out, seed, kind_id, feature_offset, _check_scale(scale, proj_dim))
     return out
 
 

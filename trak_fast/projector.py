@@ -1,7 +1,7 @@
 r"""``Projector``: the projection as an object, for codebases that pass a projector around.
 
 A ``Projector`` is a frozen bundle of the settings of :func:`trak_fast.project`
-(``proj_dim``, ``seed``, ``kind``, ``precision``, ``scale``) that is called on gradients:
+(``proj_dim``, ``seed``, ``kind``, ``precision``, ``scale``, ``nnz``) that is called on gradients:
 
 .. code-block:: python
 
@@ -16,7 +16,8 @@ The math is that of :func:`trak_fast.project`: for the matrix seed ``s``,
     \text{out}[b, j] = c \sum_i g[b, i]\, R_s[\text{feature\_offset} + i, j],
     \qquad c = \text{scale} \text{ (default } 1/\sqrt{k}),
 
-with ``R_s`` entries ``+-1`` (``kind="rademacher"``) or ``N(0, 1)`` (``kind="gaussian"``).
+with ``R_s`` entries ``+-1`` (``kind="rademacher"``) or ``N(0, 1)`` (``kind="gaussian"``), or
+``nnz`` entries ``+-1`` per row (``kind="sparse"``, where the default ``c`` is ``1/sqrt(nnz)``).
 The seed ``s`` of a call is
 
 - ``seed`` when neither ``model_id`` nor ``seed_offset`` is given;
@@ -32,7 +33,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-from .projection import Grads, _check_kind, _check_precision, _check_scale, model_seed, project, projection_matrix
+from .projection import (Grads, _check_kind, _check_nnz, _check_precision, _check_scale, model_seed, project,
+                         projection_matrix)
 
 
 _MAX_SEED = 2**63
@@ -90,17 +92,19 @@ class Projector:
     Args:
         proj_dim: ``k``, the number of output features.
         seed: the base seed, any int in ``[0, 2**63)``.
-        kind: ``"rademacher"`` or ``"gaussian"``.
+        kind: ``"rademacher"``, ``"gaussian"`` or ``"sparse"``.
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the CUDA kernel's arithmetic
             (the CPU always computes in fp32, fp64 for fp64 input).
         scale: the factor ``c`` in front of the sum; ``None`` gives ``1/sqrt(k)``, so that
-            ``E ||proj(g)||^2 = ||g||^2``; ``1.0`` gives the unscaled matrix (trak's convention).
+            ``E ||proj(g)||^2 = ||g||^2`` (``1/sqrt(nnz)`` for sparse); ``1.0`` gives the
+            unscaled matrix (trak's convention).
+        nnz: nonzeros per row for ``kind="sparse"`` (an int in ``[1, min(64, k)]``).
 
     Instances are immutable, hashable and compare equal when their settings are equal;
     calling one is traceable by ``torch.compile(fullgraph=True)``.
     """
 
-    __slots__ = ("_proj_dim", "_seed", "_kind", "_precision", "_scale")
+    __slots__ = ("_proj_dim", "_seed", "_kind", "_precision", "_scale", "_nnz")
 
     def __init__(
         self,
@@ -110,10 +114,11 @@ class Projector:
         kind: str = "rademacher",
         precision: str = "fp32",
         scale: Optional[float] = None,
+        nnz: int = 4,
     ) -> None:
         proj_dim = as_int("proj_dim", proj_dim, 1, 2**31)
         seed = as_int("seed", seed)
-        _check_kind(kind)
+        nnz = _check_nnz(nnz, _check_kind(kind), proj_dim)
         _check_precision(precision)
         if scale is not None:
             scale = _check_scale(scale, proj_dim)
@@ -122,6 +127,7 @@ class Projector:
         object.__setattr__(self, "_kind", str(kind))
         object.__setattr__(self, "_precision", str(precision))
         object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_nnz", nnz)
 
     # Read-only settings: a projector that changes under a running pipeline would silently
     # mix matrices, so there are no setters (use ``replace``).
@@ -145,6 +151,10 @@ class Projector:
     def scale(self) -> Optional[float]:
         return self._scale
 
+    @property
+    def nnz(self) -> int:
+        return self._nnz
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Projector is immutable; use projector.replace({name}=...) instead")
 
@@ -165,6 +175,7 @@ class Projector:
             "kind": self._kind,
             "precision": self._precision,
             "scale": self._scale,
+            "nnz": self._nnz,
         }
 
     def __repr__(self) -> str:
@@ -240,6 +251,7 @@ class Projector:
             out=out,
             precision=self._precision,
             scale=self._scale,
+            nnz=self._nnz,
         )
 
     def matrix(
@@ -266,6 +278,7 @@ class Projector:
             device=device,
             dtype=dtype,
             scale=self._scale,
+            nnz=self._nnz,
         )
 
 

@@ -52,7 +52,7 @@ from .fingerprint import Ledger, check_rows, example_hashes, signature
 from .kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
                      kernel_row_weights, resolve_kernel_weights)
 from .layout import FeatureBlock, layout_to_json
-from .projection import _MAX_SEED, _check_int, _check_kind
+from .projection import _MAX_SEED, _check_int, _check_kind, _check_nnz
 from .score import block_scores, damping, finish_ensemble, trak_feature_scale
 from .store import Store, check_name, save_array_atomic, temp_path
 from .tasks import Task, get_task
@@ -116,7 +116,8 @@ class TRAK:
                  grad_wrt: Optional[Sequence[str]] = None, feature_dtype: str = "float32",
                  device: Optional[Device] = None, grad_memory: int = DEFAULT_GRAD_MEMORY,
                  gradients: str = "auto", projection: str = "dense",
-                 factored_dims: Optional[Sequence[int]] = None, progress: bool = True):
+                 factored_dims: Optional[Sequence[int]] = None, progress: bool = True,
+                 nnz: int = 4):
         # Every setting is validated before the store is opened: the store records them on
         # creation, and a bad value written there would make the corrected call a mismatch.
         if not isinstance(model, torch.nn.Module):
@@ -126,13 +127,16 @@ class TRAK:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
         _check_proj_dim(proj_dim)
-        _check_kind(kind)
+        kind_id = _check_kind(kind)
+        if proj_dim is not None:
+            _check_nnz(nnz, kind_id, proj_dim)
         _check_int("seed", seed, 0, _MAX_SEED)
         _check_grad_memory(grad_memory)
         self.model = model
         self.task = get_task(task)
         self.proj_dim = proj_dim
         self.kind = kind
+        self.nnz = nnz
         self.seed = seed
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.feature_dtype = feature_dtype
@@ -153,6 +157,8 @@ class TRAK:
             "factored_dims": None if spec.factored_dims is None else list(spec.factored_dims),
             "layout": layout_to_json(spec.layout),
         }
+        if kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
+            settings["nnz"] = nnz
         self.layout = spec.layout
         self.store = self._open_store(save_dir, settings)
         self.train_size = train_size
@@ -188,7 +194,7 @@ class TRAK:
 
     def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, proj_dim=self.proj_dim,
-                          kind=self.kind, seed=self.seed, model_id=model_id,
+                          kind=self.kind, seed=self.seed, model_id=model_id, nnz=self.nnz,
                           grad_wrt=self.grad_wrt, device=self.device, grad_memory=self.grad_memory,
                           **self._gradient_settings())
 
@@ -488,9 +494,10 @@ class TRAK:
         else:
             phi = featurize(self.model, checkpoint, targets, task=self.task,
                             proj_dim=self.proj_dim, kind=self.kind, seed=self.seed,
-                            model_id=model_id, grad_wrt=self.grad_wrt, device=self.device,
-                            grad_memory=self.grad_memory, progress=self.progress,
-                            out_to_loss=False, what=f"targets {name!r}", before_batch=ledger,
+                            model_id=model_id, nnz=self.nnz, grad_wrt=self.grad_wrt,
+                            device=self.device, grad_memory=self.grad_memory,
+                            progress=self.progress, out_to_loss=False,
+                            what=f"targets {name!r}", before_batch=ledger,
                             **self._gradient_settings()).phi
         if experiment is not None and experiment["num_targets"] != phi.shape[0]:
             raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, these "
