@@ -179,3 +179,20 @@ def test_ranks_with_other_settings_or_unshared_store_raise(runs):
             "not kept" in lines["short"], output
     finished = np.load(folder / "store" / "model_0" / "finished.npy")
     assert finished.sum() == 0       # both ranks' rows un-marked
+
+
+def test_another_job_on_the_same_model_id_gets_store_busy(reference, tmp_path):
+    """The ranks of one job share rank 0's model lock; a second job (here: this process
+    holding the lock) makes the job fail on every rank, StoreBusyError on rank 0."""
+    from trak_fast.store import _flock
+    shutil.copy(reference / "data.pt", tmp_path / "data.pt")
+    store = tmp_path / "store"
+    store.mkdir()
+    with _flock(store / ".lock-model_0", blocking=False) as acquired:
+        assert acquired
+        results = finish(start("resume", store, tmp_path, 2))
+    assert all(code != 0 for code, _ in results)
+    assert "StoreBusyError" in results[0][1], results[0][1][-2000:]
+    assert "DistributedError" in results[1][1] and "StoreBusyError" in results[1][1], \
+        results[1][1][-2000:]
+    assert not (store / "model_0" / "finished.npy").exists()
