@@ -6,7 +6,15 @@ CPU (default), in one run, float32:
   - MadryLab trak 0.3.2's BasicProjector (what TRAK users run on a CPU today);
 and a large shape (B=8, n=2^26, k=2048, where P would be 512 GiB) for peak extra memory.
 
+--small-batch instead times the two CPU paths for Rademacher float32 (the register kernel
+and tiles + GEMM, forced with TRAK_FAST_CPU_KERNEL) at n=2^23, k=2048, B in 1, 8, 32, 64,
+sweeps B further at n=2^20 for the crossover (AVX-512 here; the AVX2 + FMA variant in a
+child process), checks the issue's targets, and bounds what a register path could gain
+for the Gaussian kind (from tiles + GEMM at B = 1 and 8, see gaussian_bound). Times are the minimum
+of --repeat runs (the least disturbed run on a shared machine).
+
     python benchmarks/bench_project.py                 # CPU table + JSON
+    python benchmarks/bench_project.py --small-batch   # small-batch table + JSON
     python benchmarks/bench_project.py --device cuda   # the GPU benchmark (bench_project_cuda.py)
     python benchmarks/bench_project.py --sparse        # kind="sparse" against rademacher (below)
 
@@ -139,6 +147,123 @@ def bench_large(batch: int, n: int, k: int):
             "finite": child["finite"]}
 
 
+# ---- small batches: the register kernel against tiles + GEMM ---------------------------
+
+def _time_path(path, grads, k, repeat, kind="rademacher"):
+    os.environ["TRAK_FAST_CPU_KERNEL"] = path
+    try:
+        import trak_fast
+
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            out = trak_fast.project(grads, k, seed=0, kind=kind)
+            times.append(time.perf_counter() - start)
+        return min(times), out
+    finally:
+        os.environ.pop("TRAK_FAST_CPU_KERNEL", None)
+
+
+def _both_paths(batch, n, k, repeat):
+    grads = torch.randn(batch, n)
+    t_reg, a = _time_path("registers", grads, k, repeat)
+    t_tile, b = _time_path("tiles", grads, k, repeat)
+    err = rel_err(a, b)
+    assert err < 1e-4, f"the two CPU paths disagree at B={batch}, n={n}, k={k}: {err}"
+    return {"B": batch, "n": n, "k": k, "registers_s": t_reg, "tiles_s": t_tile,
+            "registers_per_row_s": t_reg / batch, "tiles_per_row_s": t_tile / batch,
+            "speedup": t_tile / t_reg, "rel_err_between_paths": err}
+
+
+_AVX2_CHILD = r"""
+import json, os, sys, time, torch, trak_fast
+n, k, repeat = map(int, sys.argv[1:4])
+os.environ["TRAK_FAST_CPU_KERNEL"] = "registers"
+rows = []
+for batch in map(int, sys.argv[4].split(",")):
+    g = torch.randn(batch, n)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter(); trak_fast.project(g, k); times.append(time.perf_counter() - start)
+    rows.append({"B": batch, "registers_avx2_s": min(times)})
+print(json.dumps(rows))
+"""
+
+
+def gaussian_bound(t1, t8):
+    """What a register path could gain for the Gaussian kind, from tiles + GEMM at B = 1, 8.
+
+    Model: T(B) = G + B c, with G the generation of all n x k entries (paid once per call,
+    whatever B) and c the GEMM per batch row. A register path still pays G (Box-Muller per
+    entry is the same work in registers or into a tile), so its time is at least G and its
+    speedup at B = 1 at most T(1) / G, with G = (8 T(1) - T(8)) / 7 (c clamped at >= 0)."""
+    c = max((t8 - t1) / 7, 0.0)
+    g = t1 - c
+    return {"generation_s": g, "gemm_per_row_s": c, "max_register_speedup_B1": t1 / g}
+
+
+def _gaussian_rows(n, k, repeat):
+    t = {b: _time_path("tiles", torch.randn(b, n), k, repeat, kind="gaussian")[0] for b in (1, 8)}
+    return {"kind": "gaussian", "n": n, "k": k, "tiles_B1_s": t[1], "tiles_B8_s": t[8],
+            **gaussian_bound(t[1], t[8])}
+
+
+def small_batch(meta, repeat, out_path, n=2**23, k=2048, sweep_n=2**20):
+    import subprocess
+
+    table = [_both_paths(b, n, k, repeat) for b in (1, 8, 32, 64)]
+    sweep_batches = (1, 8, 32, 64, 128, 256)
+    sweep = [_both_paths(b, sweep_n, k, repeat) for b in sweep_batches]
+    env = dict(os.environ, TRAK_FAST_DISABLE_AVX512="1")
+    proc = subprocess.run([sys.executable, "-c", _AVX2_CHILD, str(sweep_n), str(k), str(repeat),
+                           ",".join(map(str, sweep_batches))], env=env, capture_output=True, text=True)
+    if proc.returncode == 0:
+        for row, child in zip(sweep, json.loads(proc.stdout.strip().splitlines()[-1])):
+            row["registers_avx2_s"] = child["registers_avx2_s"]
+    gaussian = _gaussian_rows(sweep_n, k, repeat)
+
+    by_b = {r["B"]: r for r in table}
+    today = "tiles_s"  # the path every call took before the register kernel
+    targets = {
+        "B1_per_row_over_B64_per_row": by_b[1]["registers_s"] / (by_b[64]["registers_s"] / 64),
+        "B8_speedup_vs_tiles": by_b[8][today] / by_b[8]["registers_s"],
+        "B64_speedup_vs_tiles": by_b[64][today] / by_b[64]["registers_s"],
+    }
+    targets["met"] = {"B1 per row <= 3x B64 per row": targets["B1_per_row_over_B64_per_row"] <= 3,
+                      "B8 >= 2x faster": targets["B8_speedup_vs_tiles"] >= 2,
+                      "B64 no slower": targets["B64_speedup_vs_tiles"] >= 1}
+
+    print(f"# {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, float32, rademacher, "
+          f"min of {repeat} runs")
+    print(f"## n = {n}, k = {k}")
+    print("| B | registers (s) | tiles + GEMM (s) | registers per row (s) | tiles per row (s) | speedup |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['B']} | {r['registers_s']:.3f} | {r['tiles_s']:.3f} | {r['registers_per_row_s']:.4f} | "
+              f"{r['tiles_per_row_s']:.4f} | {r['speedup']:.2f}x |")
+    print(f"\n## crossover sweep, n = {sweep_n}, k = {k} (per row, s)")
+    print("| B | registers AVX-512 | registers AVX2 + FMA | tiles + GEMM | faster |")
+    print("|---|---|---|---|---|")
+    for r in sweep:
+        avx2 = r.get("registers_avx2_s", float("nan")) / r["B"]
+        winner = "registers" if r["registers_s"] < r["tiles_s"] else "tiles"
+        print(f"| {r['B']} | {r['registers_per_row_s']:.4f} | {avx2:.4f} | {r['tiles_per_row_s']:.4f} | {winner} |")
+    print(f"\n## gaussian, n = {sweep_n}, k = {k}, tiles + GEMM: B = 1 {gaussian['tiles_B1_s']:.3f} s, "
+          f"B = 8 {gaussian['tiles_B8_s']:.3f} s; generation {gaussian['generation_s']:.3f} s, GEMM "
+          f"{gaussian['gemm_per_row_s']:.4f} s per row: a register path gains at most "
+          f"{gaussian['max_register_speedup_B1']:.2f}x at B = 1")
+    print(f"\ntargets: B1/B64 per row = {targets['B1_per_row_over_B64_per_row']:.2f}x, "
+          f"B8 speedup = {targets['B8_speedup_vs_tiles']:.2f}x, B64 speedup = {targets['B64_speedup_vs_tiles']:.2f}x; "
+          f"{targets['met']}")
+    out = out_path or os.path.join(HERE, "results", "bench_project_cpu_small_batch.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "table": table, "sweep": sweep, "gaussian": gaussian, "targets": targets,
+                   "avx2_child_error": None if proc.returncode == 0 else proc.stderr[-2000:]}, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
 # ---- kind="sparse" ------------------------------------------------------------------------
 # One run: kind="rademacher" and kind="sparse" at several nnz on the same grads, the ratio of
 # their times, and the peak extra memory of the sparse kind at two n (it must not grow with n).
@@ -235,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-trak", action="store_true", help="skip MadryLab trak's BasicProjector")
     parser.add_argument("--no-large", action="store_true", help="skip the B=8, n=2^26, k=2048 memory run")
+    parser.add_argument("--small-batch", action="store_true",
+                        help="the small-batch table: register kernel vs tiles + GEMM (see above)")
     parser.add_argument("--out", default=None, help="JSON path")
     parser.add_argument("--sparse", action="store_true", help="only the kind='sparse' section")
     args, rest = parser.parse_known_args(argv)
@@ -251,6 +378,8 @@ def main(argv=None) -> int:
     meta = {"machine": f"{cpu_model()} ({cpu_flags()})", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "trak_fast": trak_fast.__version__, "dtype": "float32",
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.small_batch:
+        return small_batch(meta, args.repeat, args.out)
     rows = bench_shape(args.batch, args.n, args.k, args.repeat, not args.no_trak)
     large = None if args.no_large else bench_large(8, 2**26, 2048)
 

@@ -1,4 +1,5 @@
-// CPU kernels: generate tiles of R into a small buffer, multiply them with BLAS.
+// CPU kernels: generate tiles of R into a small buffer, multiply them with BLAS; and the
+// choice between this path and the register kernel (project_small_batch_cpu.cpp).
 //
 // out[:, cols] += scale * G[:, rows] @ R[rows, cols], one tile of R at a time. The tile
 // buffers (one per thread, kTileElems entries) are the only extra memory, whatever n is.
@@ -13,20 +14,28 @@
 #include <vector>
 
 #include "../project.h"
+#include "cpu_kernels.h"
 #include "trak_fast/random_matrix.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 namespace trak_fast {
+
+bool use_avx512() {
+#ifdef TRAK_FAST_X86_DISPATCH
+  static const bool enabled = [] {
+    const char* off = std::getenv("TRAK_FAST_DISABLE_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(off && off[0] == '1');
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 // A thread's tile of R holds at most kTileElems entries (512 KiB in float32: it stays in
 // the core's L2 between generation and the GEMM).
 constexpr int64_t kTileElems = int64_t(1) << 17;
-// Output columns per chunk of work: a multiple of kRademacherBlockCols.
-constexpr int64_t kChunkCols = 256;
 
 // MKL's result for a GEMM can depend on how many threads it uses. Inside a chunk we want
 // one thread, always. MKL_Set_Num_Threads_Local (the C entry point; the lower-case name is
@@ -63,10 +72,6 @@ struct SignTable {
 // with an independent reference (TRAK_FAST_DISABLE_AVX512=1 selects the generic one).
 constexpr int kGaussianLanes = 16;
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define TRAK_FAST_X86_DISPATCH 1
-#endif
-
 // Writes lanes [0, L) of the 4 x L Philox outputs of a row as Gaussian entries.
 template <int L>
 inline void box_muller_lanes(const uint32_t (&w)[4][L], int64_t len, float* dst) {
@@ -100,25 +105,6 @@ void gaussian_row_generic(uint64_t seed, uint64_t row, int64_t col0, int64_t nco
 }
 
 #ifdef TRAK_FAST_X86_DISPATCH
-// One Philox4x32-10 round on 16 counters: the 32x32->64 products of the even lanes come
-// from _mm512_mul_epu32 directly, those of the odd lanes after a 32-bit shift.
-__attribute__((target("avx512f"), always_inline)) inline void philox_round_avx512(
-    __m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, __m512i k0, __m512i k1) {
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __mmask16 odd = 0xAAAA;
-  const __m512i p0e = _mm512_mul_epu32(c0, m0), p0o = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
-  const __m512i p1e = _mm512_mul_epu32(c2, m1), p1o = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
-  const __m512i lo0 = _mm512_mask_blend_epi32(odd, p0e, _mm512_slli_epi64(p0o, 32));
-  const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p0e, 32), p0o);
-  const __m512i lo1 = _mm512_mask_blend_epi32(odd, p1e, _mm512_slli_epi64(p1o, 32));
-  const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p1e, 32), p1o);
-  c0 = _mm512_ternarylogic_epi32(hi1, c1, k0, 0x96);  // hi1 ^ c1 ^ k0
-  c1 = lo1;
-  c2 = _mm512_ternarylogic_epi32(hi0, c3, k1, 0x96);  // hi0 ^ c3 ^ k1
-  c3 = lo0;
-}
-
 __attribute__((target("avx512f")))
 void gaussian_row_avx512(uint64_t seed, uint64_t row, int64_t col0, int64_t ncols, float* dst) {
   constexpr int L = 32;  // two interleaved vectors of 16 counters hide the multiply latency
@@ -153,18 +139,6 @@ void gaussian_row_avx512(uint64_t seed, uint64_t row, int64_t col0, int64_t ncol
   }
 }
 #endif
-
-bool use_avx512() {
-#ifdef TRAK_FAST_X86_DISPATCH
-  static const bool enabled = [] {
-    const char* off = std::getenv("TRAK_FAST_DISABLE_AVX512");
-    return __builtin_cpu_supports("avx512f") && !(off && off[0] == '1');
-  }();
-  return enabled;
-#else
-  return false;
-#endif
-}
 
 void gaussian_row(uint64_t seed, uint64_t row, int64_t col0, int64_t ncols, float* dst) {
 #ifdef TRAK_FAST_X86_DISPATCH
@@ -264,13 +238,23 @@ void project_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, 
   std::vector<at::Tensor> pieces;
   pieces.reserve(grads.size());
   for (const at::Tensor& piece : grads) pieces.push_back(piece.reshape({out.size(0), -1}));
+  // Small float32 Rademacher batches take the register kernel (project_small_batch_cpu.cpp),
+  // which never expands R into a tile; it sums in its own fixed order, so it agrees with
+  // the tile path to rounding, and is itself bitwise independent of the thread count.
+  const bool registers = kind == kRademacher && acc.scalar_type() == at::kFloat &&
+                         rademacher_registers_chosen(out.size(0), k);
   const int64_t chunks = (k + kChunkCols - 1) / kChunkCols;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t col0 = chunk * kChunkCols;
-      project_columns(acc, pieces, static_cast<uint64_t>(seed), kind, feature_offset, scale,
-                      col0, std::min(k, col0 + kChunkCols));
+      const int64_t col0 = chunk * kChunkCols, col1 = std::min(k, col0 + kChunkCols);
+      if (registers) {
+        project_columns_registers(acc, pieces, static_cast<uint64_t>(seed), feature_offset,
+                                  scale, col0, col1 - col0);
+      } else {
+        project_columns(acc, pieces, static_cast<uint64_t>(seed), kind, feature_offset, scale,
+                        col0, col1);
+      }
     }
   });
   if (!acc.is_same(out)) out.copy_(acc);

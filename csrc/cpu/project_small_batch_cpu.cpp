@@ -1,0 +1,363 @@
+// The register kernel: Rademacher projections of small batches without tiles of R.
+//
+// For a chunk of 256 output columns, Philox gives the 256 sign bits of a row of R (two
+// calls, 16 rows at a time), kept as 16 masks of 16 columns (2 bytes per 16 entries of R,
+// for a block of 256 rows: 8 KiB, in L1). Each mask becomes a vector of +-1.0 that is
+// multiplied by the broadcast gradient entry g[b, i] and added into the accumulators of a
+// few batch rows at once: one FMA per 16 entries of R and batch row, no float tile of R
+// written or read, and no GEMM. The tile path instead pays for expanding all p x k
+// entries into memory on every call, whatever B is, which dominates at small B.
+//
+// Summation order, for every output element (b, j), fixed by the shapes alone:
+//
+//   t = 0 (float64)
+//   for each piece, in order, for each block of 256 of its rows (the last one shorter):
+//     s = 0 (float32);  for i in the block, in order:  s = s + (R[i, j] < 0 ? -g[b, i] : g[b, i])
+//     t = t + s
+//   out[b, j] = out[b, j] + float32(scale * t)
+//
+// FMA(+-1, g, s) rounds once, so it equals s +- g exactly. The order depends neither on
+// the thread count (threads share out whole column chunks), nor on how the batch rows are
+// blocked, nor on the instruction set: the AVX-512, AVX2 + FMA and portable kernels give
+// the same bits (tests/test_project_small_batch.py; TRAK_FAST_DISABLE_AVX512=1 and
+// TRAK_FAST_DISABLE_AVX2=1 select the others). It is not the tile + GEMM path's order, so
+// the two paths agree to rounding, not bitwise; which one runs is a rule of B alone
+// (rademacher_registers_chosen), so a given call gives the same bits on every CPU.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "trak_fast/random_matrix.h"
+
+namespace trak_fast {
+
+bool rademacher_registers_chosen(int64_t batch, int64_t k) {
+  (void)k;  // the kernel works on 256-column chunks, so its cost per chunk ignores k
+  const char* force = std::getenv("TRAK_FAST_CPU_KERNEL");
+  if (force && force[0] != '\0' && std::strcmp(force, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(force, "registers") == 0 || std::strcmp(force, "tiles") == 0,
+                "trak_fast: TRAK_FAST_CPU_KERNEL must be 'auto', 'registers' or 'tiles', got '",
+                force, "'");
+    return std::strcmp(force, "registers") == 0;
+  }
+  return batch <= kRegisterMaxBatch;
+}
+
+namespace {
+
+constexpr int64_t kBlockRows = 256;  // rows of R per float32 partial sum
+constexpr int kGroups = 16;          // 16-column sign masks per 256-column chunk
+constexpr int kChunk = kGroups * 16;
+static_assert(kChunk == kChunkCols && kChunk == 2 * kRademacherBlockCols,
+              "a chunk of columns is 16 groups of 16, two Philox blocks");
+
+// masks[v][r]: bit l set where R[row0 + r, col0 + 16 v + l] = -1.
+using SignMasks = uint16_t[kGroups][kBlockRows];
+
+#ifdef TRAK_FAST_X86_DISPATCH
+#define TRAK_FAST_PORTABLE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TRAK_FAST_PORTABLE_CLONES
+#endif
+
+// The portable kernels are lane loops that the compiler vectorizes (AVX2 and baseline
+// clones); they perform the same IEEE operations as the AVX-512 ones.
+
+// Rows row0 .. row0 + nrows (rounded up to 16) of the masks, 16 rows at a time.
+TRAK_FAST_PORTABLE_CLONES
+void sign_masks_generic(uint64_t seed, uint64_t row0, int64_t nrows, uint64_t col_block,
+                        SignMasks& masks) {
+  const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
+  const uint32_t block = static_cast<uint32_t>(col_block);
+  for (int64_t r = 0; r < nrows; r += 16) {
+    uint32_t w[8][16];
+    for (int l = 0; l < 16; ++l) {
+      const uint64_t row = row0 + static_cast<uint64_t>(r + l);
+      const uint32_t lo = static_cast<uint32_t>(row), hi = static_cast<uint32_t>(row >> 32);
+      const Philox4 a = philox4x32_10(lo, hi, block, kRademacherTag, key_lo, key_hi);
+      const Philox4 b = philox4x32_10(lo, hi, block + 1, kRademacherTag, key_lo, key_hi);
+      for (int t = 0; t < 4; ++t) {
+        w[t][l] = a.w[t];
+        w[4 + t][l] = b.w[t];
+      }
+    }
+    for (int t = 0; t < 8; ++t) {
+      for (int l = 0; l < 16; ++l) {
+        masks[2 * t][r + l] = static_cast<uint16_t>(w[t][l]);
+        masks[2 * t + 1][r + l] = static_cast<uint16_t>(w[t][l] >> 16);
+      }
+    }
+  }
+}
+
+// kSigns.rows[byte][l] = -1 if bit l of byte is set, else +1.
+struct SignRows {
+  float rows[256][8];
+  SignRows() {
+    for (int byte = 0; byte < 256; ++byte)
+      for (int l = 0; l < 8; ++l) rows[byte][l] = ((byte >> l) & 1) ? -1.0f : 1.0f;
+  }
+};
+const SignRows kSigns;
+
+// part[b * 256 + j] = the float32 partial sums of batch rows g[0 .. NB) over a block.
+// g * (+-1) is exact, so acc + g * sign rounds exactly as the AVX-512 FMA does.
+template <int NB>
+inline void block_generic_rows(const float* const* g, int64_t nrows, const SignMasks& masks,
+                               int ngroups, float* part) {
+  for (int v = 0; v < ngroups; ++v) {
+    float acc[NB][16] = {};
+    for (int64_t r = 0; r < nrows; ++r) {
+      const uint32_t m = masks[v][r];
+      const float* lo = kSigns.rows[m & 0xFFu];
+      const float* hi = kSigns.rows[m >> 8];
+      for (int nb = 0; nb < NB; ++nb) {
+        const float gr = g[nb][r];
+        for (int l = 0; l < 8; ++l) acc[nb][l] = acc[nb][l] + gr * lo[l];
+        for (int l = 0; l < 8; ++l) acc[nb][8 + l] = acc[nb][8 + l] + gr * hi[l];
+      }
+    }
+    for (int nb = 0; nb < NB; ++nb)
+      for (int l = 0; l < 16; ++l) part[nb * kChunk + 16 * v + l] = acc[nb][l];
+  }
+}
+
+TRAK_FAST_PORTABLE_CLONES
+void block_generic_1(const float* const* g, int64_t nrows, const SignMasks& masks, int ngroups,
+                     float* part) {
+  block_generic_rows<1>(g, nrows, masks, ngroups, part);
+}
+
+TRAK_FAST_PORTABLE_CLONES
+void block_generic_4(const float* const* g, int64_t nrows, const SignMasks& masks, int ngroups,
+                     float* part) {
+  block_generic_rows<4>(g, nrows, masks, ngroups, part);
+}
+
+#ifdef TRAK_FAST_X86_DISPATCH
+// AVX2 + FMA: the sign rows come from kSigns (8 lanes per load), and each FMA(+-1, g, acc)
+// rounds once, like acc + g * sign in the portable loop. NB batch rows x NV groups.
+template <int NB, int NV>
+__attribute__((target("avx2,fma"))) void block_avx2(const float* const* g, int64_t nrows,
+                                                   const SignMasks& masks, int v0, float* part) {
+  __m256 acc[NB][NV][2];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int v = 0; v < NV; ++v) acc[nb][v][0] = acc[nb][v][1] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < nrows; ++r) {
+    __m256 gv[NB];
+    for (int nb = 0; nb < NB; ++nb) gv[nb] = _mm256_broadcast_ss(g[nb] + r);
+    for (int v = 0; v < NV; ++v) {
+      const uint32_t m = masks[v0 + v][r];
+      const __m256 lo = _mm256_loadu_ps(kSigns.rows[m & 0xFFu]);
+      const __m256 hi = _mm256_loadu_ps(kSigns.rows[m >> 8]);
+      for (int nb = 0; nb < NB; ++nb) {
+        acc[nb][v][0] = _mm256_fmadd_ps(lo, gv[nb], acc[nb][v][0]);
+        acc[nb][v][1] = _mm256_fmadd_ps(hi, gv[nb], acc[nb][v][1]);
+      }
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) {
+    for (int v = 0; v < NV; ++v) {
+      _mm256_storeu_ps(part + nb * kChunk + 16 * (v0 + v), acc[nb][v][0]);
+      _mm256_storeu_ps(part + nb * kChunk + 16 * (v0 + v) + 8, acc[nb][v][1]);
+    }
+  }
+}
+
+// Rows g[0 .. nb), nb <= 4, over groups [0, ngroups).
+__attribute__((target("avx2,fma"))) void block_rows_avx2(const float* const* g, int64_t nb,
+                                                        int64_t nrows, const SignMasks& masks,
+                                                        int ngroups, float* part) {
+  if (nb == 4) {
+    for (int v0 = 0; v0 < ngroups; ++v0) block_avx2<4, 1>(g, nrows, masks, v0, part);
+    return;
+  }
+  for (int64_t b = 0; b < nb; ++b)
+    for (int v0 = 0; v0 < ngroups; v0 += 2) block_avx2<1, 2>(g + b, nrows, masks, v0, part + b * kChunk);
+}
+
+bool use_avx2() {
+  static const bool enabled = [] {
+    const char* off = std::getenv("TRAK_FAST_DISABLE_AVX2");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           !(off && off[0] == '1');
+  }();
+  return enabled;
+}
+#endif
+
+#ifdef TRAK_FAST_X86_DISPATCH
+// 16 rows x 2 Philox blocks per step; rows are 64-bit, so the low word's carry is added.
+__attribute__((target("avx512f"))) void sign_masks_avx512(uint64_t seed, uint64_t row0,
+                                                          int64_t nrows, uint64_t col_block,
+                                                          SignMasks& masks) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i tag = _mm512_set1_epi32(static_cast<int>(kRademacherTag));
+  const __m512i block0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(col_block)));
+  const __m512i block1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(col_block + 1)));
+  for (int64_t r = 0; r < nrows; r += 16) {
+    const uint64_t row = row0 + static_cast<uint64_t>(r);
+    const __m512i lo_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
+    const __m512i hi_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row >> 32)));
+    const __m512i lo = _mm512_add_epi32(lo_base, iota);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, lo_base);
+    const __m512i hi = _mm512_mask_add_epi32(hi_base, carry, hi_base, _mm512_set1_epi32(1));
+    __m512i w[8] = {lo, hi, block0, tag, lo, hi, block1, tag};
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const __m512i k0v = _mm512_set1_epi32(static_cast<int>(k0));
+      const __m512i k1v = _mm512_set1_epi32(static_cast<int>(k1));
+      philox_round_avx512(w[0], w[1], w[2], w[3], k0v, k1v);
+      philox_round_avx512(w[4], w[5], w[6], w[7], k0v, k1v);
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int t = 0; t < 8; ++t) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&masks[2 * t][r]), _mm512_cvtepi32_epi16(w[t]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&masks[2 * t + 1][r]),
+                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(w[t], 16)));
+    }
+  }
+}
+
+// part[nb][0 .. 16 NV) = partial sums of batch rows g[0 .. NB) over the block, for the
+// 16 NV columns of groups v0 .. v0 + NV. The NB x NV accumulators stay in registers.
+template <int NB, int NV>
+__attribute__((target("avx512f"))) void block_avx512(const float* const* g, int64_t nrows,
+                                                     const SignMasks& masks, int v0,
+                                                     float* part, int64_t part_ld) {
+  const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+  __m512 acc[NB][NV];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int v = 0; v < NV; ++v) acc[nb][v] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < nrows; ++r) {
+    __m512 gv[NB];
+    for (int nb = 0; nb < NB; ++nb) gv[nb] = _mm512_set1_ps(g[nb][r]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 sign = _mm512_mask_blend_ps(masks[v0 + v][r], one, minus_one);
+      for (int nb = 0; nb < NB; ++nb) acc[nb][v] = _mm512_fmadd_ps(sign, gv[nb], acc[nb][v]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(part + nb * part_ld + 16 * v, acc[nb][v]);
+}
+
+// Batch rows per register block and 16-column groups per pass: NB x NV accumulators.
+constexpr int kAvxRows = 8;
+
+template <int NB>
+__attribute__((target("avx512f"))) void rows_avx512(const float* const* g, int64_t nrows,
+                                                    const SignMasks& masks, int ngroups,
+                                                    float* part) {
+  constexpr int NV = NB == 1 ? 16 : NB <= 3 ? 8 : NB <= 6 ? 4 : 2;
+  for (int v0 = 0; v0 < ngroups; v0 += NV)
+    block_avx512<NB, NV>(g, nrows, masks, v0, part + 16 * v0, kChunk);
+}
+
+__attribute__((target("avx512f"))) void block_rows_avx512(const float* const* g, int64_t nb,
+                                                          int64_t nrows, const SignMasks& masks,
+                                                          int ngroups, float* part) {
+  switch (nb) {
+    case 1: return rows_avx512<1>(g, nrows, masks, ngroups, part);
+    case 2: return rows_avx512<2>(g, nrows, masks, ngroups, part);
+    case 3: return rows_avx512<3>(g, nrows, masks, ngroups, part);
+    case 4: return rows_avx512<4>(g, nrows, masks, ngroups, part);
+    case 5: return rows_avx512<5>(g, nrows, masks, ngroups, part);
+    case 6: return rows_avx512<6>(g, nrows, masks, ngroups, part);
+    case 7: return rows_avx512<7>(g, nrows, masks, ngroups, part);
+    default: return rows_avx512<8>(g, nrows, masks, ngroups, part);
+  }
+}
+static_assert(kAvxRows == 8, "block_rows_avx512 handles up to 8 rows");
+#endif
+
+// Copies g[b, row0 .. row0 + nrows) of a piece as float32 into buf[b * kBlockRows ..], or
+// points straight at it when it already is contiguous float32.
+void gather_rows(const at::Tensor& piece, int64_t row0, int64_t nrows, float* buf,
+                 const float** rows) {
+  const int64_t batch = piece.size(0), s0 = piece.stride(0), s1 = piece.stride(1);
+  if (piece.scalar_type() == at::kFloat && s1 == 1) {
+    const float* base = piece.const_data_ptr<float>();
+    for (int64_t b = 0; b < batch; ++b) rows[b] = base + b * s0 + row0;
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, piece.scalar_type(),
+                                  "trak_fast_gather_rows", [&] {
+    const scalar_t* base = piece.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      float* dst = buf + b * kBlockRows;
+      const scalar_t* src = base + b * s0 + row0 * s1;
+      for (int64_t r = 0; r < nrows; ++r) dst[r] = static_cast<float>(src[r * s1]);
+      rows[b] = dst;
+    }
+  });
+}
+
+}  // namespace
+
+void project_columns_registers(const at::Tensor& out, const std::vector<at::Tensor>& pieces,
+                               uint64_t seed, int64_t feature_offset, double scale, int64_t col0,
+                               int64_t ncols) {
+  const int64_t batch = out.size(0), k = out.size(1);
+  const int ngroups = static_cast<int>((ncols + 15) / 16);
+  const uint64_t col_block = static_cast<uint64_t>(col0 / kRademacherBlockCols);
+  const bool avx512 = use_avx512();
+#ifdef TRAK_FAST_X86_DISPATCH
+  const bool avx2 = !avx512 && use_avx2();
+#else
+  const bool avx2 = false;
+#endif
+  alignas(64) SignMasks masks;
+  std::vector<double> total(batch * kChunk, 0.0);
+  std::vector<float> buf(batch * kBlockRows);
+  std::vector<const float*> rows(batch);
+  alignas(64) float part[kAvxRows * kChunk];
+  int64_t offset = feature_offset;
+  for (const at::Tensor& piece : pieces) {
+    const int64_t width = piece.size(1);
+    for (int64_t row0 = 0; row0 < width; row0 += kBlockRows) {
+      const int64_t nrows = std::min(kBlockRows, width - row0);
+      const uint64_t row = static_cast<uint64_t>(offset + row0);
+      gather_rows(piece, row0, nrows, buf.data(), rows.data());
+#ifdef TRAK_FAST_X86_DISPATCH
+      if (avx512) {
+        sign_masks_avx512(seed, row, nrows, col_block, masks);
+        for (int64_t b0 = 0; b0 < batch; b0 += kAvxRows) {
+          const int64_t nb = std::min<int64_t>(kAvxRows, batch - b0);
+          block_rows_avx512(rows.data() + b0, nb, nrows, masks, ngroups, part);
+          for (int64_t b = 0; b < nb; ++b)
+            for (int j = 0; j < 16 * ngroups; ++j)
+              total[(b0 + b) * kChunk + j] += part[b * kChunk + j];
+        }
+        continue;
+      }
+#endif
+      (void)avx512;
+      sign_masks_generic(seed, row, nrows, col_block, masks);
+      for (int64_t b0 = 0; b0 < batch;) {
+        const int64_t nb = batch - b0 >= 4 ? 4 : 1;
+        if (avx2) {
+          block_rows_avx2(rows.data() + b0, nb, nrows, masks, ngroups, part);
+        } else if (nb == 4) {
+          block_generic_4(rows.data() + b0, nrows, masks, ngroups, part);
+        } else {
+          block_generic_1(rows.data() + b0, nrows, masks, ngroups, part);
+        }
+        for (int64_t b = 0; b < nb; ++b)
+          for (int j = 0; j < 16 * ngroups; ++j) total[(b0 + b) * kChunk + j] += part[b * kChunk + j];
+        b0 += nb;
+      }
+    }
+    offset += width;
+  }
+  float* dst = out.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < ncols; ++j)
+      dst[b * k + col0 + j] = dst[b * k + col0 + j] + static_cast<float>(scale * total[b * kChunk + j]);
+}
+
+}  // namespace trak_fast
