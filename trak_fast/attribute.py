@@ -16,9 +16,9 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import checks
+from . import checks, distributed
 from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, FeatureSpec, _check_grad_memory,
-                        featurize, num_grad_params)
+                        Featurizer, featurize, num_grad_params)
 from .fingerprint import Ledger
 from .projection import _MAX_SEED, _check_int, _check_kind, _check_nnz
 from .kernel import compute_kernels, kernel_blocks, kernel_row_weights, resolve_kernel_weights
@@ -106,7 +106,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         _check_nnz(nnz, kind_id, proj_dim)
     _check_int("seed", seed, 0, _MAX_SEED)
     _check_grad_memory(grad_memory)
-    compute_device = checks.compute_device(model, device)
+    compute_device = distributed.local_device(checks.compute_device(model, device), device)
     checks.check_checkpoints(model, checkpoints)
     run = checks.model_fn(model, checkpoints[0], compute_device)
     train = checks.prepare_loader(train, "train", model=model, run=run, task=task,
@@ -124,14 +124,29 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     # Checkpoint 0's pass over each loader is fingerprinted; later checkpoints must see the
     # same examples in the same order (see trak_fast.fingerprint), checked before each batch.
     seen = {"train": None, "targets": None}
+    distributed.agree("attribute", {"checkpoints": len(checkpoints), "ensemble": ensemble,
+                                    "proj_dim": proj_dim, "seed": seed, "kind": kind,
+                                    "kernel": kernel, "kernel_weights": kernel_weights})
     for model_id, checkpoint in enumerate(checkpoints):
         ledgers = {what: Ledger(what, seen[what], against=f"the {what} examples checkpoint 0 saw")
                    for what in seen}
-        features = featurize(model, checkpoint, train, model_id=model_id, what="train",
-                             before_batch=ledgers["train"], **settings)
-        phi, q = features
-        phi_targets = featurize(model, checkpoint, targets, model_id=model_id, what="targets",
-                                out_to_loss=False, before_batch=ledgers["targets"], **settings).phi
+        if distributed.active():     # batch b featurized by rank b % W, gathered on every rank
+            featurizer = Featurizer(model, checkpoint, model_id=model_id,
+                                    **{k: v for k, v in settings.items() if k != "progress"})
+            phi, q = distributed.featurize_shares(featurizer, train, task=task, what="train",
+                                                  out_to_loss=True, before_batch=ledgers["train"])
+            phi_targets = distributed.featurize_shares(
+                featurizer, targets, task=task, what="targets", out_to_loss=False,
+                before_batch=ledgers["targets"])[0]
+            layout = featurizer.layout
+        else:
+            features = featurize(model, checkpoint, train, model_id=model_id, what="train",
+                                 before_batch=ledgers["train"], **settings)
+            phi, q = features
+            phi_targets = featurize(model, checkpoint, targets, model_id=model_id, what="targets",
+                                    out_to_loss=False, before_batch=ledgers["targets"],
+                                    **settings).phi
+            layout = features.layout
         if model_id == 0:
             seen = {what: ledger.hashes for what, ledger in ledgers.items()}
         if n is None:
@@ -148,7 +163,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         if ensemble == "trak":
             num_params = phi.shape[1] if proj_dim is None else num_grad_params(model, grad_wrt)
             scale = trak_feature_scale(proj_dim, num_params)
-        blocks = kernel_blocks(features.layout, phi.shape[1], kernel)
+        blocks = kernel_blocks(layout, phi.shape[1], kernel)
         kernels = compute_kernels(phi, blocks, form="primal" if ensemble == "trak" else "auto",
                                   device=compute_device, where=f"checkpoint {model_id}",
                                   weights=kernel_row_weights(kernel_weights, q))

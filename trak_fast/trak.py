@@ -22,12 +22,18 @@ each other's work, and a second job featurizing the same ``model_id`` at the sam
 :class:`~trak_fast.store.StoreBusyError`. Settings are validated before anything is written,
 so a bad argument never leaves a store that later refuses the corrected one.
 
+Under a ``torch.distributed`` process group every method is data-parallel: every rank calls
+it with the same arguments and loader, batch ``b`` is featurized by rank ``b % W``, kernels
+and scores are split by rows and target columns, and rank 0 writes the metadata (see
+:mod:`trak_fast.distributed`, which also turns one rank's failure into an error on all).
+
 Every train and target example is fingerprinted (:mod:`trak_fast.fingerprint`); a resume,
 another checkpoint or an experiment's later targets that see other examples, or the same in
 another order, raise instead of silently pairing rows of different examples.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -41,6 +47,7 @@ from .featurize import (DEFAULT_GRAD_MEMORY, Batch, Device, Featurizer, FeatureS
                         _check_proj_dim, _check_same_shapes,
                         _loader_length, featurize, grad_param_names)
 from . import checks
+from . import distributed
 from .fingerprint import Ledger, check_rows, example_hashes, signature
 from .kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
                      kernel_row_weights, resolve_kernel_weights)
@@ -133,7 +140,7 @@ class TRAK:
         self.seed = seed
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.feature_dtype = feature_dtype
-        self.device = checks.compute_device(model, device)
+        self.device = distributed.local_device(checks.compute_device(model, device), device)
         self.grad_memory = grad_memory
         self.progress = progress
         spec = FeatureSpec(model, self.task, proj_dim=proj_dim, grad_wrt=grad_wrt,
@@ -153,9 +160,35 @@ class TRAK:
         if kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
             settings["nnz"] = nnz
         self.layout = spec.layout
-        self.store = Store(save_dir, settings)
+        self.store = self._open_store(save_dir, settings)
         self.train_size = train_size
         self.num_features = settings["num_features"]
+
+    @staticmethod
+    def _open_store(save_dir: Union[str, os.PathLike], settings: Dict[str, Any]) -> Store:
+        """The store; under a process group rank 0 opens (or creates) it first, then the others
+        check that they see the same directory (a token rank 0 wrote there)."""
+        if not distributed.active():
+            return Store(save_dir, settings)
+        distributed.agree("TRAK settings", settings)
+        store = token = None
+        with distributed.step(f"opening the store {str(save_dir)!r}"):
+            if distributed.is_main():
+                store = Store(save_dir, settings)
+                token = f"{os.getpid()}-{os.urandom(8).hex()}"
+                save_array_atomic(store.path / ".ranks_token.npy", np.frombuffer(token.encode(), np.uint8))
+        token = distributed.broadcast(token, "opening the store")
+        with distributed.step(f"opening the store {str(save_dir)!r}"):
+            if not distributed.is_main():
+                store = Store(save_dir, settings)
+                path = store.path / ".ranks_token.npy"
+                seen = np.load(path).tobytes().decode() if path.exists() else None
+                if seen != token:
+                    raise ValueError(
+                        f"save_dir {str(save_dir)!r} on rank {distributed.rank()} is not the "
+                        "directory rank 0 opened: the store must be on a file system that every "
+                        "rank shares (the same path on every machine)")
+        return store
 
     # ---- train features ---------------------------------------------------------------------
 
@@ -183,37 +216,52 @@ class TRAK:
         :class:`~trak_fast.fingerprint.ExampleMismatchError` before the batch is computed.
         Cheap mistakes are caught before any work (:mod:`trak_fast.checks`). Other jobs may featurize other ``model_id``s of the store at the same
         time; a concurrent featurize of this ``model_id`` raises
-        :class:`~trak_fast.store.StoreBusyError`.
+        :class:`~trak_fast.store.StoreBusyError`. Under a process group, rank ``r`` of ``W``
+        computes and writes the batches ``b`` with ``b % W == r`` (rank 0 holds the lock for
+        the job); a resume may use another world size.
         """
-        model_id = _check_model_id(model_id)
-        checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
-        train = checks.prepare_loader(train, "train", model=self.model,
-                                      run=checks.model_fn(self.model, checkpoint, self.device),
-                                      task=self.task, device=self.device, passes=1,
-                                      expected=self.train_size)
+        with distributed.step("featurize: checking the arguments"):
+            model_id = _check_model_id(model_id)
+            checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
+            train = checks.prepare_loader(train, "train", model=self.model,
+                                          run=checks.model_fn(self.model, checkpoint, self.device),
+                                          task=self.task, device=self.device, passes=1,
+                                          expected=self.train_size)
         fingerprint = checkpoint_fingerprint(checkpoint)
         featurizer = self._featurizer(checkpoint, model_id)
-        # Held for the whole run: a second featurizer of this model_id fails fast rather than
-        # writing the same rows (and racing on finished.npy) at the same time.
-        with self.store.model_lock(model_id):
-            def register(metadata: Dict[str, Any]) -> Dict[str, Any]:
-                entry = metadata["models"].get(str(model_id))
-                if entry is not None and entry["checkpoint"] != fingerprint:
-                    raise ValueError(f"model_id {model_id} was featurized with a different "
-                                     "checkpoint; use a new model_id or a new save_dir")
-                if entry is None:
-                    entry = {"checkpoint": fingerprint, "featurized": False, "kernels": {}}
-                    metadata["models"][str(model_id)] = entry
-                return entry
+        distributed.agree(f"featurize(model_id={model_id})",
+                          {"model_id": model_id, "checkpoint": fingerprint})
 
-            if self.store.update(register)["featurized"]:
+        def register(metadata: Dict[str, Any]) -> Dict[str, Any]:
+            entry = metadata["models"].get(str(model_id))
+            if entry is not None and entry["checkpoint"] != fingerprint:
+                raise ValueError(f"model_id {model_id} was featurized with a different "
+                                 "checkpoint; use a new model_id or a new save_dir")
+            if entry is None:
+                entry = {"checkpoint": fingerprint, "featurized": False, "kernels": {}}
+                metadata["models"][str(model_id)] = entry
+            return entry
+
+        def mark_featurized(metadata: Dict[str, Any]) -> None:
+            metadata["models"][str(model_id)]["featurized"] = True
+
+        # The model's lock is held for the whole run, by rank 0 for all ranks of a job (they
+        # write disjoint rows): a second job featurizing this model_id fails fast rather than
+        # writing the same rows (and racing on finished.npy) at the same time.
+        with contextlib.ExitStack() as held:
+            with distributed.step(f"featurize model_id {model_id}: opening its arrays"):
+                if distributed.is_main():
+                    held.enter_context(self.store.model_lock(model_id))
+                    if not self.store.update(register)["featurized"]:
+                        self.store.open_train_arrays(model_id, self.feature_dtype)  # creates them
+            if self.store.model_entry(model_id)["featurized"]:
                 logger.info("model_id %d is already featurized; nothing to do", model_id)
                 return
-            self._write_train_features(featurizer, train, model_id)
-
-            def mark_featurized(metadata: Dict[str, Any]) -> None:
-                metadata["models"][str(model_id)]["featurized"] = True
-            self.store.update(mark_featurized)
+            with distributed.step(f"featurize model_id {model_id}"):
+                self._write_train_features(featurizer, train, model_id)
+            with distributed.step(f"featurize model_id {model_id}: recording it"):
+                if distributed.is_main():
+                    self.store.update(mark_featurized)
 
     def _write_train_features(self, featurizer: Featurizer, train: Iterable[Batch],
                               model_id: int) -> None:
@@ -246,6 +294,9 @@ class TRAK:
                 if row + size > n:
                     raise _WrongLength(f"train yielded more than train_size = {n} examples "
                                        f"({row + size} by batch {index})")
+                if not distributed.owns(index):     # another rank's batch (b -> rank b % W)
+                    row += size
+                    continue
                 hashes = example_hashes(batch, where)
                 now = signature(batch)
                 check_rows(hashes, own[row:row + size], where=where, first_row=row,
@@ -303,7 +354,11 @@ class TRAK:
             [_check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("no featurized checkpoints to finalize; call featurize() first")
-        self._check_same_train_examples(ids)
+        distributed.agree("finalize", {"model_ids": ids, "kernel": kernel,
+                                       "kernel_weights": kernel_weights})
+        with distributed.step("finalize: checking the train examples"):
+            if distributed.is_main():
+                self._check_same_train_examples(ids)
         key = f"{kernel}/{kernel_weights}"
         for model_id in ids:
             entry = models.get(str(model_id))
@@ -313,20 +368,34 @@ class TRAK:
             if key in (entry.get("kernels") or {}):
                 continue
             features, out_to_loss = self.store.read_train_arrays(model_id)
-            kernels = compute_kernels(features, blocks, device=self.device,
-                                      where=f"model_id {model_id}",
-                                      weights=kernel_row_weights(kernel_weights, out_to_loss))
-            folder = self.store.model_dir(model_id)
-            value = []
-            for i, (block, k) in enumerate(kernels):
-                name = f"kernel_{kernel}_{kernel_weights}_{i}.npy"
-                save_array_atomic(folder / name, k.matrix.cpu().numpy())
-                value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
-                              "form": k.form, "file": name})
+            weights = kernel_row_weights(kernel_weights, out_to_loss)
+            if distributed.active():     # rows split over ranks, parts summed; rank 0 writes
+                with distributed.step(f"finalize model_id {model_id}"):
+                    kernels = distributed.reduced_kernels(features, blocks, weights=weights,
+                                                          device=self.device,
+                                                          where=f"model_id {model_id}")
+                    if kernels is not None:
+                        self._save_kernels(model_id, kernel, kernel_weights, kernels)
+            else:
+                kernels = compute_kernels(features, blocks, device=self.device,
+                                          where=f"model_id {model_id}", weights=weights)
+                self._save_kernels(model_id, kernel, kernel_weights, kernels)
 
-            def record(metadata: Dict[str, Any]) -> None:
-                metadata["models"][str(model_id)].setdefault("kernels", {})[key] = value
-            self.store.update(record)
+    def _save_kernels(self, model_id: int, kernel: str, kernel_weights: str,
+                      kernels: List[Any]) -> None:
+        """Writes ``[(block, Kernel)]`` and records them in the metadata (one update)."""
+        key = f"{kernel}/{kernel_weights}"
+        folder = self.store.model_dir(model_id)
+        value = []
+        for i, (block, k) in enumerate(kernels):
+            name = f"kernel_{kernel}_{kernel_weights}_{i}.npy"
+            save_array_atomic(folder / name, k.matrix.cpu().numpy())
+            value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
+                          "form": k.form, "file": name})
+
+        def record(metadata: Dict[str, Any]) -> None:
+            metadata["models"][str(model_id)].setdefault("kernels", {})[key] = value
+        self.store.update(record)
 
     def _reference_examples(self, exclude: Optional[int] = None
                             ) -> Tuple[Optional[int], Optional[np.ndarray]]:
@@ -416,12 +485,20 @@ class TRAK:
         ledger = Ledger(f"targets {name!r}", reference,
                         against=f"the targets experiment {name!r} was created with "
                         "(use a new experiment name for other targets)")
-        phi = featurize(self.model, checkpoint, targets, task=self.task, proj_dim=self.proj_dim,
-                        kind=self.kind, seed=self.seed, model_id=model_id, nnz=self.nnz,
-                        grad_wrt=self.grad_wrt,
-                        device=self.device, grad_memory=self.grad_memory, progress=self.progress,
-                        out_to_loss=False, what=f"targets {name!r}", before_batch=ledger,
-                        **self._gradient_settings()).phi
+        if distributed.active():     # batch b by rank b % W, gathered on every rank
+            distributed.agree(f"featurize_targets({name!r})",
+                              {"model_id": model_id, "overwrite": overwrite})
+            phi = distributed.featurize_shares(
+                self._featurizer(checkpoint, model_id), targets, task=self.task,
+                what=f"targets {name!r}", out_to_loss=False, before_batch=ledger)[0]
+        else:
+            phi = featurize(self.model, checkpoint, targets, task=self.task,
+                            proj_dim=self.proj_dim, kind=self.kind, seed=self.seed,
+                            model_id=model_id, nnz=self.nnz, grad_wrt=self.grad_wrt,
+                            device=self.device, grad_memory=self.grad_memory,
+                            progress=self.progress, out_to_loss=False,
+                            what=f"targets {name!r}", before_batch=ledger,
+                            **self._gradient_settings()).phi
         if experiment is not None and experiment["num_targets"] != phi.shape[0]:
             raise ValueError(f"experiment {name!r} has {experiment['num_targets']} targets, these "
                              f"batches hold {phi.shape[0]}; every checkpoint must see the same targets")
@@ -445,7 +522,9 @@ class TRAK:
             experiment["scores"] = None      # any earlier scores no longer match the targets
             # Lets a score() running meanwhile notice that its inputs changed.
             experiment["revision"] = experiment.get("revision", 0) + 1
-        self.store.update(record)
+        with distributed.step(f"featurize_targets({name!r}): recording them"):
+            if distributed.is_main():
+                self.store.update(record)
 
     def score(self, name: str, *, model_ids: Optional[Sequence[int]] = None,
               lambda_reg: Optional[float] = None, relative_lambda: Optional[bool] = None,
@@ -482,25 +561,21 @@ class TRAK:
             raise ValueError(f"experiment {name!r} already has scores; load them with "
                              "load_scores(name) or pass overwrite=True")
         n, t = self.train_size, experiment["num_targets"]
-        tmp = temp_path(folder / "scores.npy")
+        distributed.agree(f"score({name!r})", {
+            "model_ids": ids, "lambda_reg": lambda_reg, "relative_lambda": relative_lambda,
+            "ensemble": ensemble, "kernel": kernel, "kernel_weights": kernel_weights,
+            "overwrite": overwrite, "revision": experiment.get("revision")})
+        # Under a process group rank 0 creates the file and rank r fills target columns
+        # distributed.share(t) of it (every rank reads the kernels itself).
+        tmp = distributed.broadcast(temp_path(folder / "scores.npy"), "score: the scores file")
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype="float32", shape=(n, t))
-            q_sum = torch.zeros(n, dtype=torch.float64)
-            for model_id in ids:
-                features, out_to_loss = self.store.read_train_arrays(model_id)
-                targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy"))
-                scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
-                    if ensemble == "trak" else 1.0
-                kernels = self._stored_kernels(model_id, kernel, kernel_weights,
-                                               primal=ensemble == "trak")
-                block_scores(features, targets, kernels,
-                             lambda_reg=lambda_reg, relative_lambda=relative_lambda,
-                             feature_scale=scale, normalize_inverse=ensemble == "trak", out=out,
-                             device=self.device, progress=self.progress)
-                q_sum += torch.from_numpy(np.asarray(out_to_loss, dtype=np.float64))
-            finish_ensemble(out, q_sum, len(ids))
-            out.flush()
-            del out
+            with distributed.step(f"score({name!r})"):
+                if distributed.is_main():
+                    np.lib.format.open_memmap(tmp, mode="w+", dtype="float32", shape=(n, t)).flush()
+            with distributed.step(f"score({name!r})"):
+                self._score_columns(tmp, ids, folder, lambda_reg=lambda_reg,
+                                    relative_lambda=relative_lambda, ensemble=ensemble,
+                                    kernel=kernel, kernel_weights=kernel_weights)
 
             def record(metadata: Dict[str, Any]) -> None:
                 current = metadata["experiments"][name]
@@ -512,10 +587,41 @@ class TRAK:
                 current["scores"] = {"ensemble": ensemble, "lambda_reg": lambda_reg, "kernel": kernel,
                                      "kernel_weights": kernel_weights,
                                      "relative_lambda": relative_lambda, "model_ids": ids}
-            self.store.update(record)
+            with distributed.step(f"score({name!r}): recording the scores"):
+                if distributed.is_main():
+                    self.store.update(record)
         finally:
-            tmp.unlink(missing_ok=True)      # an error or Ctrl-C leaves no half-written scores
+            if distributed.is_main():
+                tmp.unlink(missing_ok=True)      # an error or Ctrl-C leaves no half-written scores
         return self.load_scores(name)
+
+    def _score_columns(self, path: Any, ids: Sequence[int], folder: Any, *, lambda_reg: float,
+                       relative_lambda: bool, ensemble: str, kernel: str,
+                       kernel_weights: str) -> None:
+        """Writes this rank's target columns (all of them in one process) of the scores file."""
+        out = np.lib.format.open_memmap(path, mode="r+")
+        n, t = out.shape
+        c0, c1 = distributed.share(t)
+        if c0 == c1:
+            return
+        part = out if (c0, c1) == (0, t) else np.zeros((n, c1 - c0), dtype=np.float32)
+        q_sum = torch.zeros(n, dtype=torch.float64)
+        for model_id in ids:
+            features, out_to_loss = self.store.read_train_arrays(model_id)
+            targets = torch.from_numpy(np.load(folder / f"targets_{model_id}.npy")[c0:c1])
+            scale = trak_feature_scale(self.proj_dim, self.num_grad_params) \
+                if ensemble == "trak" else 1.0
+            kernels = self._stored_kernels(model_id, kernel, kernel_weights,
+                                           primal=ensemble == "trak")
+            block_scores(features, targets, kernels,
+                         lambda_reg=lambda_reg, relative_lambda=relative_lambda,
+                         feature_scale=scale, normalize_inverse=ensemble == "trak", out=part,
+                         device=self.device, progress=self.progress)
+            q_sum += torch.from_numpy(np.asarray(out_to_loss, dtype=np.float64))
+        finish_ensemble(part, q_sum, len(ids))
+        if part is not out:
+            out[:, c0:c1] = part
+        out.flush()
 
     def load_scores(self, name: str) -> np.ndarray:
         """The saved scores of experiment ``name`` (read-only memmap ``[n, t]``)."""

@@ -1,0 +1,92 @@
+"""One rank of the tests in test_distributed.py (launched like torchrun: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT in the environment; WORLD_SIZE=1 runs without a process group).
+
+    python distributed_worker.py MODE STORE OUT
+
+MODE: "pipeline" (TRAK featurize, finalize, targets, score, then attribute), "kill" (rank 1
+SIGKILLs itself in the middle of featurize), "resume" (featurize only), "errors" (rank 1
+passes another proj_dim, then each rank gets its own store directory, then a loader one
+batch short of train_size: all must raise).
+The digits split is read from OUT/data.pt (written by the test: no scikit-learn import here).
+"""
+import datetime
+import os
+import signal
+import sys
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+import torch.distributed as dist  # noqa: E402
+
+from trak_fast import TRAK, attribute, digits  # noqa: E402
+from trak_fast.distributed import DistributedError  # noqa: E402
+
+N_TRAIN, N_TARGETS, BATCH, PROJ_DIM, HIDDEN = 120, 10, 10, 32, 16
+
+
+def problem(out):
+    x, y, xt, yt = torch.load(os.path.join(out, "data.pt"))
+    model = digits.make_mlp(HIDDEN, seed=0)
+    checkpoints = [digits.make_mlp(HIDDEN, seed=s).state_dict() for s in (0, 1)]
+    return model, checkpoints, digits.batches(x, y, BATCH), digits.batches(xt, yt, 3)
+
+
+def write_data(out):
+    torch.save(digits.load_digits(N_TRAIN, N_TARGETS), os.path.join(out, "data.pt"))
+
+
+def run(mode, store, out, rank=0, world=1):
+    model, checkpoints, train, targets = problem(out)
+    if mode == "errors":
+        for what, proj_dim, where in (("mismatch", PROJ_DIM + 8 * rank, store),
+                                      ("unshared", PROJ_DIM, f"{store}_{rank}")):
+            try:
+                TRAK(where, model, train_size=N_TRAIN, proj_dim=proj_dim, progress=False)
+            except (DistributedError, ValueError) as exc:
+                print(f"{what}: {type(exc).__name__}: {exc}", flush=True)
+        trak = TRAK(store, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, progress=False)
+        try:        # one batch short: every rank counts the rows and un-marks its own
+            trak.featurize(checkpoints[0], (b for b in train[:-1]), model_id=0)
+        except ValueError as exc:
+            print(f"short: {type(exc).__name__}: {exc}", flush=True)
+        return
+    trak = TRAK(store, model, train_size=N_TRAIN, proj_dim=PROJ_DIM, progress=False)
+    if mode == "kill":
+        def dying():
+            for index, batch in enumerate(train):
+                if rank == 1 and index == 7:      # after its batches 1, 3, 5 were written
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield batch
+        trak.featurize(checkpoints[0], list(dying()) if rank == 0 else dying(), model_id=0)
+        return
+    for model_id, checkpoint in enumerate(checkpoints):
+        trak.featurize(checkpoint, train, model_id=model_id)
+    if mode == "resume":
+        return
+    trak.finalize()
+    for model_id, checkpoint in enumerate(checkpoints):
+        trak.featurize_targets("val", checkpoint, targets, model_id=model_id)
+    np.save(os.path.join(out, f"scores_{rank}.npy"), np.array(trak.score("val")))
+    # Raw gradients (1210 features > 120 rows): the dual kernel, computed on rank 0 alone.
+    raw = TRAK(f"{store}_raw", model, train_size=N_TRAIN, proj_dim=None, progress=False)
+    raw.featurize(checkpoints[0], train, model_id=0)
+    raw.finalize()
+    raw.featurize_targets("val", checkpoints[0], targets, model_id=0)
+    np.save(os.path.join(out, f"raw_scores_{rank}.npy"), np.array(raw.score("val")))
+    tau = attribute(model, checkpoints, train, targets, proj_dim=PROJ_DIM, progress=False)
+    np.save(os.path.join(out, f"attribute_{rank}.npy"), tau.numpy())
+
+
+if __name__ == "__main__":
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    run(sys.argv[1], sys.argv[2], sys.argv[3], rank, world)
+    # Every rank done, then exit without tearing the gloo group down: destroy_process_group
+    # while the other rank closes its connections sometimes aborts in gloo ("terminate called
+    # without an active exception"), after all work and outputs are finished.
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
