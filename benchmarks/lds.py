@@ -240,11 +240,12 @@ class PerCheckpoint:
     features: featurize once per (k, checkpoint), solve once per lambda.
     """
 
-    def __init__(self, cache: Cache, ckpts: Sequence[dict]):
+    def __init__(self, cache: Cache, ckpts: Sequence[dict], kernel_weights: str):
         self.cache, self.ckpts, self.problem = cache, ckpts, cache.problem
+        self.kernel_weights = kernel_weights
 
     def _path(self, k: Optional[int], model_id: int, lam: float, factored: Optional[tuple] = None) -> Path:
-        desc = {"k": k, "m": model_id, "lam": lam, "src": _source_hash()}
+        desc = {"k": k, "m": model_id, "lam": lam, "src": _source_hash(), "w": self.kernel_weights}
         if factored is not None:
             desc["factored"] = list(factored)
         desc = json.dumps(desc, sort_keys=True)
@@ -258,7 +259,7 @@ class PerCheckpoint:
         instead of a dense one; ``k`` is then unused (the total k follows from the layers).
         """
         from trak_fast.featurize import featurize
-        from trak_fast.kernel import compute_kernel
+        from trak_fast.kernel import compute_kernel, kernel_row_weights
         from trak_fast.score import model_scores
 
         out, missing = {}, []
@@ -277,7 +278,7 @@ class PerCheckpoint:
         phi, q = featurize(model, sd, self.problem.batches("train"), seed=0, model_id=model_id, **how)
         phi_t = featurize(model, sd, self.problem.batches("target"), seed=0, model_id=model_id,
                           out_to_loss=False, what="targets", **how).phi
-        kernel = compute_kernel(phi)
+        kernel = compute_kernel(phi, weights=kernel_row_weights(self.kernel_weights, q))
         shared = time.perf_counter() - t0
         for lam in missing:
             t1 = time.perf_counter()
@@ -327,12 +328,13 @@ def grad_dot_scores(problem: Problem, ckpts: Sequence[dict]) -> torch.Tensor:
 
 
 def reference_trak_scores(problem: Problem, ckpts: Sequence[dict], proj_dim: Optional[int],
-                          lambda_rel: float = 1.0) -> torch.Tensor:
-    """A direct float64 implementation of the paper's estimator, to cross-check the pipeline.
+                          lambda_rel: float = 1.0, kernel_weights: str = "none") -> torch.Tensor:
+    """A direct float64 implementation of the estimator, to cross-check the pipeline.
 
     phi = P_m^T grad f (P from ``trak_fast.projection_matrix``, seed ``model_seed(0, m)``, scaled 1/sqrt(k)),
-    lambda = lambda_rel * tr(Phi^T Phi) / n, S_m = Phi (Phi^T Phi + lambda I)^-1 Phi_t^T, computed in the
-    dual form (Phi Phi^T + lambda I)^-1 Phi Phi_t^T; tau = mean_m S_m * mean_m Q_m (row-wise).
+    W = diag(1, Q or Q^2 for kernel_weights none / out_to_loss / fisher), lambda = lambda_rel *
+    tr(Phi^T W Phi) / n, S_m = Phi (Phi^T W Phi + lambda I)^-1 Phi_t^T, solved in the primal form;
+    tau = mean_m S_m * mean_m Q_m (row-wise).
     """
     s_sum, q_sum = 0.0, 0.0
     for m, sd in enumerate(ckpts):
@@ -342,9 +344,11 @@ def reference_trak_scores(problem: Problem, ckpts: Sequence[dict], proj_dim: Opt
             P = trak_fast.projection_matrix(g_train.shape[1], proj_dim, seed=trak_fast.model_seed(0, m),
                                             dtype=torch.float64)
             g_train, g_target = g_train @ P, g_target @ P
-        lam = lambda_rel * (g_train * g_train).sum() / len(g_train)
-        gram = g_train @ g_train.T + lam * torch.eye(len(g_train), dtype=torch.float64)
-        s_sum = s_sum + torch.linalg.solve(gram, g_train @ g_target.T)
+        w = {"none": torch.ones_like(q), "out_to_loss": q, "fisher": q * q}[kernel_weights]
+        kernel = g_train.T @ (w[:, None] * g_train)
+        lam = lambda_rel * torch.trace(kernel) / len(g_train)
+        damped = kernel + lam * torch.eye(kernel.shape[0], dtype=torch.float64)
+        s_sum = s_sum + g_train @ torch.linalg.solve(damped, g_target.T)
         q_sum = q_sum + q
     return (s_sum / len(ckpts)) * (q_sum / len(ckpts))[:, None]
 
@@ -431,7 +435,7 @@ def run(args: argparse.Namespace) -> dict:
                                     "setup_seconds": round(time.time() - t0, 1)}
         print(f"  checkpoints' target accuracy {np.mean(acc):.3f}; setup {time.time() - t0:.0f} s"
               + (f"; retrain-vs-retrain Spearman {noise:.3f}" if noise is not None else ""), flush=True)
-        per_ckpt = PerCheckpoint(cache, ckpts)
+        per_ckpt = PerCheckpoint(cache, ckpts, args.kernel_weights)
 
         def ev(row: dict, scores: torch.Tensor, seconds: float) -> None:
             row = {"dataset": name, **row}
@@ -456,15 +460,18 @@ def run(args: argparse.Namespace) -> dict:
                    *per_ckpt.ensemble(None, M, DEFAULT_LAMBDA_REL, dims_f))
         if first:
             # The per-checkpoint path must be exactly what a user gets from trak_fast.attribute.
-            direct = trak_fast_scores(problem, ckpts[:2], 512).to(torch.float64)
+            direct = trak_fast_scores(problem, ckpts[:2], 512,
+                                      kernel_weights=args.kernel_weights).to(torch.float64)
             blocks, _ = per_ckpt.ensemble(512, 2, DEFAULT_LAMBDA_REL)
             report["checks"]["attribute_vs_per_checkpoint_max_rel_diff"] = \
                 ((direct - blocks).abs().max() / blocks.abs().max()).item()
             print(f"  check: attribute() vs per-checkpoint path, max rel diff "
                   f"{report['checks']['attribute_vs_per_checkpoint_max_rel_diff']:.1e}", flush=True)
         if args.reference and first:
-            cached({"group": "check", "method": "float64 reference", "M": 5, "proj_dim": 512, "lambda": DEFAULT_LAMBDA_REL},
-                   lambda: reference_trak_scores(problem, ckpts[:5], 512, DEFAULT_LAMBDA_REL))
+            cached({"group": "check", "method": "float64 reference", "M": 5, "proj_dim": 512, "lambda": DEFAULT_LAMBDA_REL,
+                    "kernel_weights": args.kernel_weights},
+                   lambda: reference_trak_scores(problem, ckpts[:5], 512, DEFAULT_LAMBDA_REL,
+                                                 args.kernel_weights))
         if not args.skip_trak032:
             for M in (args.trak032_models if first else [args.headline_models]):
                 cached({"group": "main", "method": "trak 0.3.2", "M": M, "proj_dim": 512, "lambda": 0.0},
@@ -472,9 +479,9 @@ def run(args: argparse.Namespace) -> dict:
         if first:   # kind="sparse" at the headline M, k = 512 (Rademacher's row is above)
             for nnz in args.sparse_nnz:
                 cached({"group": "main", "method": f"trak_fast sparse nnz={nnz}", "M": args.headline_models,
-                        "proj_dim": 512, "lambda": DEFAULT_LAMBDA_REL},
+                        "proj_dim": 512, "lambda": DEFAULT_LAMBDA_REL, "kernel_weights": args.kernel_weights},
                        lambda: trak_fast_scores(problem, ckpts[:args.headline_models], 512, kind="sparse",
-                                                nnz=nnz).to(torch.float64))
+                                                nnz=nnz, kernel_weights=args.kernel_weights).to(torch.float64))
         for M in sorted({1, args.headline_models} & set(models)):
             cached({"group": "main", "method": "gradient dot product", "M": M, "proj_dim": None, "lambda": None},
                    lambda: grad_dot_scores(problem, ckpts[:M]))
@@ -514,7 +521,8 @@ def write_markdown(report: dict, path: Path) -> None:
                      + (f", retrain-vs-retrain Spearman {info['retrain_vs_retrain_spearman']:.3f}"
                         if info["retrain_vs_retrain_spearman"] is not None else ""))
     single = s["retrains"] >= 2
-    lines += ["", "lambda: relative damping lambda_rel for trak_fast (lambda = lambda_rel * tr(Phi^T Phi) / n); "
+    lines += ["", f"trak_fast rows: kernel_weights={s.get('kernel_weights')!r} (K = Phi^T W Phi). "
+              "lambda: relative damping lambda_rel for trak_fast (lambda = lambda_rel * tr(Phi^T W Phi) / n); "
               "absolute for trak 0.3.2 (its default, 0). Scoring time: featurize + kernel + solve on this "
               "machine's 2 shared CPU cores (from the first, uncached run)"
               + (f"; {s['machine_note']}" if s.get("machine_note") else "") + ".", "",
@@ -628,6 +636,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sparse-nnz", type=int, nargs="*", default=[1, 4, 16],
                    help="nnz values of kind='sparse' rows (M = --headline-models, k = 512)")
     p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--kernel-weights", default=None, choices=["none", "out_to_loss", "fisher"],
+                   help="kernel row weights of the trak_fast rows (default: trak_fast's default)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: these models are tiny, and on a shared machine extra "
                         "threads spin-wait: 2 threads made one retrain 50x slower under load)")
@@ -635,6 +645,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--machine-note", default="", help="a note on the machine's state for lds.md (e.g. load)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.kernel_weights is None:
+        from trak_fast.kernel import DEFAULT_KERNEL_WEIGHTS
+        args.kernel_weights = DEFAULT_KERNEL_WEIGHTS
     if args.quick:
         args.m, args.models, args.dims, args.lambdas, args.sweep_models = 20, [1, 5], [512], [0.1, 1.0], [5]
         args.factored, args.factored_models = args.factored[:1], [5]
