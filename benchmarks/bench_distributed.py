@@ -116,7 +116,7 @@ def main():
                          for name in runs[w][0][0]} for w in (1, 2))
     scores_one, scores_two = runs[1][0][1], runs[2][0][1]
     error = float(np.abs(scores_two - scores_one).max() / np.abs(scores_one).max())
-    print(f"loaded shared 2-core AMD EPYC VM (other agents running), digits CNN (width 96, "
+    print(f"2-core AMD EPYC VM, load average {os.getloadavg()[0]:.1f} at the end, digits CNN (width 96, "
           f"{sum(p.numel() for p in digits.make_cnn().parameters())} parameters), n = "
           f"{args.n_train}, t = {args.n_targets}, k = {args.proj_dim}, batch {args.batch}, "
           "gloo, one torch thread per rank")
@@ -136,7 +136,7 @@ def main():
     print(f"2-rank scores vs 1-rank: max |difference| / max |score| = {error:.1e}")
     out = Path(__file__).parent / "results" / "bench_distributed.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": "loaded shared 2-core AMD EPYC VM", "args": vars(args),
+    out.write_text(json.dumps({"machine": "2-core AMD EPYC VM", "load_average": os.getloadavg(), "args": vars(args),
                                "rows": rows, "all_runs": {w: [(t, c) for t, _, c in r] for w, r in runs.items()}, "max_relative_score_difference": error}, indent=1))
 
 
