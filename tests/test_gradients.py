@@ -159,16 +159,47 @@ def test_hooks_equal_vmap(data, name, proj_dim, with_grad_wrt):
     assert plan.hooked, "the case must exercise the hook path"
 
 
+class Doubler(nn.Module):
+    """An unsupported module: uses its (tied) weight itself."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, 2 * self.weight)
+
+
+class TiedToUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.a = nn.Linear(64, 64)
+        self.twice = Doubler()
+        self.twice.weight = self.a.weight
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.twice(torch.tanh(self.a(x)))))
+
+
 def test_plan_tied_and_unsupported_parameters(data):
     model = tiny_gpt2()
-    plan = Featurizer(model, model.state_dict(), task=NextTokenMargin(), proj_dim=8).plan
-    # lm_head.weight is wte.weight: also used by an Embedding, so not every use is hooked.
-    assert "transformer.wte.weight" in plan.vmapped
-    assert "transformer.h.0.attn.c_attn.weight" in plan.hooked
-    assert "transformer.h.0.ln_1.weight" in plan.vmapped
+    f = Featurizer(model, model.state_dict(), task=NextTokenMargin(), proj_dim=8)
+    # wte is registered in an Embedding and (as lm_head.weight) in a Linear: both supported.
+    assert {"transformer.wte.weight", "transformer.h.0.ln_1.weight",
+            "transformer.h.0.attn.c_attn.weight"} <= set(f.plan.hooked)
+    # wpe looks up [1, T] positions broadcast over the batch: found on the first batch and
+    # moved to the vmap path (the batch is redone, so nothing is counted twice).
+    f(_text_batches()[0])
+    assert f.plan.vmapped == ["transformer.wpe.weight"]
     cnn = StridedCNN()
     plan = Featurizer(cnn, cnn.state_dict(), proj_dim=8).plan
     assert plan.vmapped == ["c3.weight", "c3.bias"] and "c2.weight" in plan.hooked
+    # A weight also registered in an unsupported module takes the vmap path.
+    tied = TiedToUnsupported()
+    plan = Featurizer(tied, tied.state_dict(), proj_dim=8).plan
+    assert plan.vmapped == ["a.weight"] and "a.bias" in plan.hooked
+    batches = digits.batches(*data, 12)
+    reference = featurize(tied, tied.state_dict(), batches, proj_dim=None, gradients="vmap")
+    hooked = featurize(tied, tied.state_dict(), batches, proj_dim=None, gradients="hooks")
+    assert _rel(hooked.phi, reference.phi) < 1e-6
 
 
 class TiedLinears(nn.Module):
@@ -420,3 +451,31 @@ def test_trak_store_factored_matches_attribute(data, tmp_path):
         trak.featurize_targets("t", sd, targets, model_id=model_id)
     torch.testing.assert_close(torch.from_numpy(trak.score("t").copy()), expected,
                                rtol=1e-4, atol=1e-6)
+
+
+class BagOfWords(nn.Module):
+    """Embedding (with a padding row) -> LayerNorm -> mean over tokens -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.emb = nn.Embedding(40, 6, padding_idx=0)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(self.norm(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize("proj_dim", [32, None])
+def test_embedding_and_layernorm_hooks_equal_vmap(proj_dim):
+    torch.manual_seed(7)
+    ids = torch.randint(0, 12, (10, 9))        # repeated ids, padding id 0, consecutive runs
+    ids[:, -2:] = 0
+    batches = [(ids[:6], torch.randint(0, 3, (6,))), (ids[6:], torch.randint(0, 3, (4,)))]
+    model = BagOfWords()
+    plan = Featurizer(model, model.state_dict(), proj_dim=8).plan
+    assert not plan.vmapped                    # every parameter is hooked
+    reference = featurize(model, model.state_dict(), batches, proj_dim=proj_dim, gradients="vmap")
+    hooked = featurize(model, model.state_dict(), batches, proj_dim=proj_dim, gradients="hooks")
+    assert _rel(hooked.phi, reference.phi) < 1e-5

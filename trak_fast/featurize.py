@@ -35,6 +35,7 @@ from .gradients import PROJECTIONS, GradientPlan, TrackedModule, check_choice, p
 from .gradients.factored import FactoredMatrices, check_factored_dims, factored_layout, name_seed
 from .layout import FeatureBlock, layer_blocks, layer_of, parameter_layout, per_layer_dims
 from .gradients.hooks import LayerTap, backward_through_taps, tapped
+from .gradients.layers import EmbeddingAdapter
 from .gradients.vmap import parameter_groups, per_example_grads, slice_batch
 from .projection import _check_kind, _check_nnz, model_seed, project
 from .tasks import Task, get_task
@@ -341,6 +342,10 @@ class Featurizer:
 
         def on_grad(inputs: torch.Tensor, grad: torch.Tensor) -> None:
             for role, name in tracked.params:
+                if isinstance(adapter, EmbeddingAdapter) and self.proj_dim is not None \
+                        and not self.layer_columns:
+                    self._emit_embedding_rows(adapter, inputs, grad, name, phi)
+                    continue
                 rows = max(1, min(batch_size, budget // self.params[name].numel()))
                 for start in range(0, batch_size, rows):
                     stop = min(batch_size, start + rows)
@@ -349,6 +354,29 @@ class Featurizer:
                     self._emit(g, name, phi, start, stop)
                     del g       # before the next chunk exists: one chunk at a time
         return LayerTap(tracked.module, adapter, lambda inputs: inputs, on_grad)
+
+    def _emit_embedding_rows(self, adapter: EmbeddingAdapter, ids: torch.Tensor,
+                             grad: torch.Tensor, name: str, phi: torch.Tensor) -> None:
+        """An embedding's per-example gradient has a nonzero row only per id in the example:
+        ``P^T G_b = sum_v P_v^T G_b[v]`` over the batch's distinct ids ``v`` (``P_v`` the d rows
+        of P of table row v), one ``project`` call per run of consecutive ids. That costs
+        ``O(U d k)`` for U distinct ids instead of the table's ``O(V d k)``."""
+        batch, d = grad.shape[0], adapter.d_out
+        ids = ids.reshape(batch, -1)
+        delta = grad.reshape(batch, -1, d).to(phi.dtype)
+        if adapter.module.padding_idx is not None:
+            delta = delta.masked_fill((ids == adapter.module.padding_idx)[..., None], 0)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = delta.new_zeros(batch, len(unique), d).scatter_add_(
+            1, inverse[..., None].expand(-1, -1, d), delta)                 # [B, U, d]
+        values = unique.tolist()
+        start = 0
+        for stop in range(1, len(values) + 1):
+            if stop == len(values) or values[stop] != values[stop - 1] + 1:
+                project([rows[:, start:stop].reshape(batch, -1)], self.proj_dim, seed=self.seed,
+                        kind=self.kind, nnz=self.nnz, feature_offset=self.offsets[name] + values[start] * d,
+                        out=phi)
+                start = stop
 
     def _factored_tap(self, tracked: TrackedModule, phi: torch.Tensor) -> LayerTap:
         """``P_in^T a`` in the forward pass, ``P_out^T delta`` and their product in the backward."""
@@ -371,22 +399,49 @@ class Featurizer:
                 phi[:, start:start + width] += block.reshape(block.shape[0], width).to(phi.dtype)
         return LayerTap(tracked.module, adapter, on_input, on_grad)
 
-    def _hook_features(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> torch.Tensor:
-        """One batched forward and backward pass; returns ``Q`` from the same forward."""
-        with tapped(self._taps(phi, batch_size), self.device) as anchor, torch.enable_grad():
+    def _hook_features(self, batch: Batch, batch_size: int, phi: torch.Tensor
+                       ) -> Tuple[torch.Tensor, List[torch.nn.Module]]:
+        """One batched forward and backward pass; returns ``Q`` from the same forward and the
+        tracked modules that did not see the batch (nothing was emitted for any module then
+        only if that list is empty: the caller redoes the batch)."""
+        with tapped(self._taps(phi, batch_size), self.device, batch_size) as (anchor, skipped), \
+                torch.enable_grad():
             f, q = self.task.batched_outputs_and_out_to_loss(self._model_fn(self.params), batch)
             if not isinstance(f, torch.Tensor) or f.shape != (batch_size,):
                 raise ValueError(f"task.outputs must return shape [{batch_size}], got "
                                  f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
             backward_through_taps(f.sum(), anchor)
-        return q.detach().reshape(-1).float()
+        return q.detach().reshape(-1).float(), skipped
+
+    def _move_to_vmap(self, modules: List[torch.nn.Module]) -> None:
+        """Sends the parameters of modules that did not see the batch (and any parameter tied
+        to them) to the vmap path, for this and every later batch."""
+        if self.projection == "factored":
+            raise ValueError(f"projection='factored': {type(modules[0]).__name__} layers are "
+                             "applied to something other than the batch (e.g. a broadcast "
+                             "input), so they have no per-example factored form")
+        moved = {name for t in self.plan.modules if any(t.module is m for m in modules)
+                 for _, name in t.params}
+        # A tied parameter also registered in a module that did see the batch must move too.
+        keep = [t for t in self.plan.modules if not any(name in moved for _, name in t.params)]
+        moved |= {name for t in self.plan.modules if t not in keep for _, name in t.params}
+        order = {name: i for i, name in enumerate(self.grad_names)}
+        self.plan = self.plan._replace(
+            hooked=[n for n in self.plan.hooked if n not in moved],
+            vmapped=sorted(self.plan.vmapped + sorted(moved), key=order.__getitem__),
+            modules=keep)
 
     def features_and_out_to_loss(self, batch: Batch, batch_size: int
                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(phi [B, k], Q [B])`` for one batch: the hook pass, then the vmap groups."""
         phi = torch.zeros(batch_size, self.num_features, dtype=self.dtype, device=self.device)
         if self.plan.hooked:
-            q = self._hook_features(batch, batch_size, phi)
+            q, skipped = self._hook_features(batch, batch_size, phi)
+            while skipped:        # found on the first batch only: redo it with the new plan
+                self._move_to_vmap(skipped)
+                phi.zero_()
+                q, skipped = self._hook_features(batch, batch_size, phi) if self.plan.hooked \
+                    else (self.out_to_loss(batch), [])
         else:
             q = self.out_to_loss(batch)     # first: validates the batch against the model cheaply
         if self.plan.vmapped:

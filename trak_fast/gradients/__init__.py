@@ -131,8 +131,9 @@ def _factorable(hookable: Dict[str, List[Use]]) -> Dict[str, List[Use]]:
     """Hookable parameters whose uses agree on one ``(d_out, d_in)`` (a factored form exists)."""
     keep = {}
     for name, uses in hookable.items():
-        shapes = {(adapter_for(u.module).d_out, adapter_for(u.module).d_in) for u in uses}
-        if len(shapes) == 1:
+        adapters = [adapter_for(u.module) for u in uses]
+        shapes = {(a.d_out, a.d_in) for a in adapters}
+        if len(shapes) == 1 and all(a.factored for a in adapters):
             keep[name] = uses
     return keep
 

@@ -98,15 +98,20 @@ class LayerTap(NamedTuple):
 
 
 @contextlib.contextmanager
-def tapped(taps: List[LayerTap], device: torch.device) -> Iterator[torch.Tensor]:
-    """Registers the forward hooks for the duration of the block and yields the anchor.
+def tapped(taps: List[LayerTap], device: torch.device, batch_size: int
+           ) -> Iterator[Tuple[torch.Tensor, List[torch.nn.Module]]]:
+    """Registers the forward hooks for the duration of the block; yields ``(anchor, skipped)``.
 
     The hooks are removed on exit, exceptions included; the modules are otherwise untouched.
     Differentiate a function of the model's outputs with respect to the anchor (see
-    :func:`backward_through_taps`) to run the callbacks.
+    :func:`backward_through_taps`) to run the callbacks. A module called on something that is
+    not the batch (GPT-2's position embedding looks up ``[1, T]`` positions and broadcasts
+    them over the batch, so its output gradient is a sum over examples) is not tapped and is
+    appended to ``skipped``: its parameters need the vmap path.
     """
     anchor = torch.zeros((), device=device, requires_grad=True)
     handles = []
+    skipped: List[torch.nn.Module] = []
 
     def make_hook(tap: LayerTap):
         def hook(module, args, kwargs, output):
@@ -114,10 +119,10 @@ def tapped(taps: List[LayerTap], device: torch.device) -> Iterator[torch.Tensor]
             if not isinstance(output, torch.Tensor) or not isinstance(inputs, torch.Tensor):
                 raise TypeError(f"hooked {type(module).__name__} returned or received a "
                                 f"non-tensor; cannot take per-example gradients from it")
-            if inputs.dim() < 2:
-                raise ValueError(f"{type(module).__name__} got an input of shape "
-                                 f"{tuple(inputs.shape)}: per-example gradients need a batch "
-                                 "dimension [B, ..., d]")
+            if inputs.dim() < 2 or inputs.shape[0] != batch_size or output.shape[0] != batch_size:
+                if all(m is not module for m in skipped):
+                    skipped.append(module)
+                return None
             state = tap.on_input(inputs.detach())
             return _Tap.apply(anchor, output, lambda grad: tap.on_grad(state, grad))
         return hook
@@ -125,7 +130,7 @@ def tapped(taps: List[LayerTap], device: torch.device) -> Iterator[torch.Tensor]
     try:
         for tap in taps:
             handles.append(tap.module.register_forward_hook(make_hook(tap), with_kwargs=True))
-        yield anchor
+        yield anchor, skipped
     finally:
         for handle in handles:
             handle.remove()

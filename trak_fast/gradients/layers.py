@@ -12,6 +12,8 @@ Each adapter knows only how its layer type lays out ``a``, ``delta`` and the wei
 - transformers' ``Conv1D`` (GPT-2): ``y = a W + b``, ``W [d_in, d_out]``: the parameter is ``G^T``.
 - ``torch.nn.Conv2d``: the inputs are the ``unfold``-ed patches (``d_in = C_in kh kw``, one
   "token" per output position), ``W [C_out, C_in, kh, kw]`` is ``G`` reshaped.
+- ``torch.nn.Embedding`` and ``torch.nn.LayerNorm`` (exact per-example gradients only; they
+  have no factored form): see their adapters.
 
 Only modules whose forward is exactly the library's are adapted (``type(m) is nn.Linear``,
 not a subclass that may compute something else); everything else keeps the vmap path.
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 
 class LayerAdapter:
     """How one supported module type maps ``(a, delta)`` to gradients and projections."""
+
+    #: Whether ``projection="factored"`` has a form for this layer (``vec(P_out^T G P_in)``).
+    factored = True
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
@@ -123,6 +128,63 @@ class Conv2dAdapter(LayerAdapter):
         return out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
 
 
+class EmbeddingAdapter(LayerAdapter):
+    """``torch.nn.Embedding``: the input is token ids, the weight ``[V, d]`` a lookup table.
+
+    Example ``b``'s weight gradient is its output gradients added into the rows of its ids,
+    ``G_b[v] = sum_{t: id_bt = v} delta_bt`` (the row ``padding_idx`` gets none, as in the
+    module's own backward). Dense hook path only: no factored form.
+    """
+
+    factored = False
+
+    @property
+    def d_in(self) -> int:
+        return self.module.num_embeddings
+
+    @property
+    def d_out(self) -> int:
+        return self.module.embedding_dim
+
+    def weight_grad(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ids = inputs.reshape(inputs.shape[0], -1)
+        delta = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        if self.module.padding_idx is not None:
+            delta = delta.masked_fill((ids == self.module.padding_idx)[..., None], 0)
+        out = delta.new_zeros(ids.shape[0], self.d_in, self.d_out)
+        return out.scatter_add_(1, ids[..., None].expand(-1, -1, self.d_out), delta)
+
+
+class LayerNormAdapter(LayerAdapter):
+    """``torch.nn.LayerNorm`` with an elementwise affine: ``y = xhat * w + b``.
+
+    ``G_b(w) = sum_t delta_bt * xhat_bt`` and ``G_b(b) = sum_t delta_bt`` (shape
+    ``normalized_shape``), with ``xhat`` recomputed from the input by ``F.layer_norm`` without
+    affine, the module's own arithmetic. Dense hook path only: no factored form.
+    """
+
+    factored = False
+
+    @property
+    def d_in(self) -> int:
+        return self.module.weight.numel()
+
+    @property
+    def d_out(self) -> int:
+        return self.module.weight.numel()
+
+    def _flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(tensor.shape[0], -1, self.module.weight.numel())
+
+    def weight_grad(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        xhat = F.layer_norm(inputs.to(grad.dtype), m.normalized_shape, None, None, m.eps)
+        return (self._flat(grad) * self._flat(xhat)).sum(1).reshape(grad.shape[0], *m.weight.shape)
+
+    def bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return self._flat(grad).sum(1).reshape(grad.shape[0], *self.module.bias.shape)
+
+
 def _is_transformers_conv1d(module: torch.nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") \
@@ -140,4 +202,12 @@ def adapter_for(module: torch.nn.Module) -> Optional[LayerAdapter]:
         return Conv2dAdapter(module)
     if _is_transformers_conv1d(module):
         return Conv1DAdapter(module)
+    if cls is torch.nn.Embedding:
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            return None              # renormalizes the table in forward / rescales gradients
+        return EmbeddingAdapter(module)
+    if cls is torch.nn.LayerNorm:
+        if module.weight is None or module.bias is None:
+            return None
+        return LayerNormAdapter(module)
     return None
