@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -52,6 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trak_fast  # noqa: E402
 from trak_fast import Task  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_project import cpu_model  # noqa: E402  (one /proc/cpuinfo reader for the benchmarks)
 
 SEQ_LEN = 128
 PROJ_DIM = 2048
@@ -440,17 +442,6 @@ def print_table(results: Dict[str, Dict[str, dict]]) -> None:
                   f"{r['seconds_per_example']:>11.3f}{ratio:>10}{r['peak_rss_mb']:>12.0f}  {shares}")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -465,7 +456,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--bergson-bias", action="store_true",
                         help="bergson with include_bias=True (its default is False)")
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--machine-state", default="loaded machine (shared with other agents)",
+    parser.add_argument("--machine-state", default="machine state not stated (pass --machine-state)",
                         help="recorded in the JSON")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -474,7 +465,7 @@ def main(argv=None) -> dict:
         print(json.dumps(run_child(json.loads(args.child))), flush=True)
         return {}
     torch.set_num_threads(args.threads)
-    report = {"device": args.device, "cpu": cpu_name(), "cores": os.cpu_count(),
+    report = {"device": args.device, "cpu": cpu_model(), "cores": os.cpu_count(),
               "machine_state": args.machine_state, "torch": torch.__version__, "threads": args.threads,
               "seq_len": SEQ_LEN, "proj_dim": PROJ_DIM, "factored_dims": FACTORED,
               "batch_size": args.batch_size, "batches": args.batches, "slow_examples": args.slow_examples,

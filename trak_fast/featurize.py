@@ -25,13 +25,13 @@ computed.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from .gradients import PROJECTIONS, GradientPlan, TrackedModule, check_choice, plan_gradients
+from .gradients import PROJECTIONS, TrackedModule, check_choice, plan_gradients
 from .gradients.factored import FactoredMatrices, check_factored_dims, factored_layout, name_seed
 from .layout import FeatureBlock, layer_blocks, layer_of, parameter_layout, per_layer_dims
 from .gradients.hooks import LayerTap, backward_through_taps, tapped

@@ -545,7 +545,7 @@ class TRAK:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
         lambda_reg, relative_lambda = damping(ensemble, lambda_reg, relative_lambda)
         kernel_weights = resolve_kernel_weights(kernel_weights, ensemble)
-        blocks = kernel_blocks(self.layout, self.num_features, kernel)        # validates kernel
+        kernel_blocks(self.layout, self.num_features, kernel)                 # validates kernel
         if ensemble == "trak" and (self.projection != "dense" or kernel != "full"
                                    or kernel_weights != "none"):
             raise ValueError("ensemble='trak' reproduces MadryLab trak's dense projection and "

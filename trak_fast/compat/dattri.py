@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
-from typing import Callable, Dict, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, Union
 
 import torch
 

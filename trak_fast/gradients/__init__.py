@@ -15,7 +15,7 @@ runs the plan.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 

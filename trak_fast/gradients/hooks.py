@@ -25,7 +25,7 @@ a functional use of a weight that is not registered anywhere else is the caller'
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Tuple
 
 import torch
 
