@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import trak_fast
     from bench_project import cpu_flags, cpu_model
     from trak_fast.compat import dattri as td
-    from trak_fast.digits import load_digits, make_mlp, train
+    from trak_fast.eval.digits import load_digits, make_mlp, train
 
     xtr, ytr, xte, yte = load_digits(n_train=args.n_train, n_targets=args.n_targets)
     model = train(make_mlp(hidden=args.hidden), xtr, ytr, epochs=20)

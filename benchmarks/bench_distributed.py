@@ -33,7 +33,8 @@ import torch
 def rank_main(args):
     torch.set_num_threads(1)
     import torch.distributed as dist
-    from trak_fast import TRAK, digits
+    from trak_fast import TRAK
+    from trak_fast.eval import digits
     world = int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     x, y, xt, yt = torch.load(args.data)
@@ -101,7 +102,7 @@ def main():
     args = parser.parse_args()
     if args.rank_main:
         return rank_main(args)
-    from trak_fast import digits
+    from trak_fast.eval import digits
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         torch.save(digits.load_digits(args.n_train, args.n_targets), folder / "data.pt")

@@ -173,12 +173,12 @@ def instrument(featurizer, stages: Stages) -> None:
     restored by the caller's process exiting: this runs in a throw-away child)."""
     import importlib
 
-    from trak_fast.gradients.hooks import LayerTap
+    from trak_fast.features.gradients.hooks import LayerTap
 
-    F = importlib.import_module("trak_fast.featurize")   # the module (trak_fast.featurize is the function)
-
-    F.project = stages.wrap(F.project, "project ({region})")
-    F.per_example_grads = stages.wrap(F.per_example_grads, "vmap grads")
+    W = importlib.import_module("trak_fast.features.gradients.writer")
+    V = importlib.import_module("trak_fast.features.gradients.vmap")
+    W.project = stages.wrap(W.project, "project ({region})")
+    V.per_example_grads = stages.wrap(V.per_example_grads, "vmap grads")
     featurizer._vmap_features = stages.wrap(featurizer._vmap_features, "vmap part", region="vmap")
     featurizer._hook_features = stages.wrap(featurizer._hook_features, "hook pass", region="hooks")
     taps = featurizer._taps

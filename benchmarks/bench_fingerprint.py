@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from trak_fast import digits
-from trak_fast.featurize import Featurizer
-from trak_fast.fingerprint import example_hashes
+from trak_fast.eval import digits
+from trak_fast.features.featurizer import Featurizer
+from trak_fast.pipeline.fingerprint import example_hashes
 
 
 def best_of(fn, repeats=5):

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trak_fast import digits  # noqa: E402
-from trak_fast.trak import TRAK  # noqa: E402
+from trak_fast.eval import digits  # noqa: E402
+from trak_fast.pipeline.trak import TRAK  # noqa: E402
 
 N_TRAIN, N_TARGETS, NUM_MODELS, PROJ_DIM, BATCH = 1000, 100, 2, 1024, 100
 LAMBDA = 1e-3     # absolute, trak's convention (its default 0 is singular here: k > n)

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds as harness  # noqa: E402  (benchmarks/lds.py: problems, caches, per-checkpoint scores)
 
-from trak_fast import lds as L  # noqa: E402
+from trak_fast.eval import lds as L  # noqa: E402
 
 
 def margin_of(problem: harness.Problem, keep: torch.Tensor, seed: int, target: int, cache_dir: Path,
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     problem = harness.load_problem("digits")
     cache = harness.Cache(problem)
     ckpts = cache.checkpoints(args.models)
-    from trak_fast.kernel import DEFAULT_LAMBDA_REL
+    from trak_fast.scoring.kernel import DEFAULT_LAMBDA_REL
 
     scores, _ = harness.PerCheckpoint(cache, ckpts).ensemble(args.proj_dim, args.models, DEFAULT_LAMBDA_REL)
     cache_dir = cache.dir / "counterfactual"

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds as H                                     # noqa: E402  (the harness: problems, cache)
 
 from trak_fast import featurize                     # noqa: E402
-from trak_fast import lds as L                      # noqa: E402
-from trak_fast.kernel import compute_kernel, compute_kernels, kernel_blocks, kernel_row_weights  # noqa: E402
-from trak_fast.score import block_scores, model_scores  # noqa: E402
+from trak_fast.eval import lds as L                      # noqa: E402
+from trak_fast.scoring.kernel import compute_kernel, compute_kernels, kernel_blocks, kernel_row_weights  # noqa: E402
+from trak_fast.scoring.scores import block_scores, model_scores  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

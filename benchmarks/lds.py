@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 import trak_fast
-from trak_fast import digits
-from trak_fast import lds as L
+from trak_fast.eval import digits
+from trak_fast.eval import lds as L
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache" / "lds"
@@ -225,7 +225,7 @@ def _source_hash() -> str:
 # ----------------------------------------------------------------------------------------------
 def trak_fast_scores(problem: Problem, ckpts: Sequence[dict], proj_dim: Optional[int], **kwargs) -> torch.Tensor:
     """``trak_fast.attribute`` in one call (used to check the per-checkpoint path below)."""
-    from trak_fast.attribute import attribute
+    from trak_fast.pipeline.attribute import attribute
 
     return attribute(problem.make_model(0), list(ckpts), problem.batches("train"), problem.batches("target"),
                      proj_dim=proj_dim, seed=0, progress=False, **kwargs)
@@ -258,9 +258,9 @@ class PerCheckpoint:
         ``factored=(k_out, k_in)``: the factored per-layer projection (``projection="factored"``)
         instead of a dense one; ``k`` is then unused (the total k follows from the layers).
         """
-        from trak_fast.featurize import featurize
-        from trak_fast.kernel import compute_kernel, kernel_row_weights
-        from trak_fast.score import model_scores
+        from trak_fast.features.loop import featurize
+        from trak_fast.scoring.kernel import compute_kernel, kernel_row_weights
+        from trak_fast.scoring.scores import model_scores
 
         out, missing = {}, []
         for lam in lambdas:
@@ -402,7 +402,7 @@ def evaluate(rows: list, masks: torch.Tensor, margins: torch.Tensor, row: dict, 
 
 
 def run(args: argparse.Namespace) -> dict:
-    from trak_fast.kernel import DEFAULT_LAMBDA_REL
+    from trak_fast.scoring.kernel import DEFAULT_LAMBDA_REL
 
     torch.set_num_threads(args.threads)
     report: dict = {"settings": vars(args).copy(), "machine": platform.processor() or platform.machine(),
@@ -646,7 +646,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.kernel_weights is None:
-        from trak_fast.kernel import DEFAULT_KERNEL_WEIGHTS
+        from trak_fast.scoring.kernel import DEFAULT_KERNEL_WEIGHTS
         args.kernel_weights = DEFAULT_KERNEL_WEIGHTS
     if args.quick:
         args.m, args.models, args.dims, args.lambdas, args.sweep_models = 20, [1, 5], [512], [0.1, 1.0], [5]

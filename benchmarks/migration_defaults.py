@@ -16,8 +16,8 @@ import tempfile
 import torch
 from trak import TRAKer
 
-from trak_fast import digits
-from trak_fast.attribute import attribute
+from trak_fast.eval import digits
+from trak_fast.pipeline.attribute import attribute
 from trak_fast.compat.trak import TrakFastProjector
 
 N, T, K = 1000, 50, 2048

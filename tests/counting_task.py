@@ -1,5 +1,5 @@
 """A task that counts the calls which compute gradients' model outputs (shared by tests)."""
-from trak_fast.tasks import ClassificationTask
+from trak_fast.features.tasks import ClassificationTask
 
 
 class CountingTask(ClassificationTask):

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 
 from trak_fast import TRAK, attribute, digits  # noqa: E402
-from trak_fast.distributed import DistributedError  # noqa: E402
+from trak_fast.pipeline.distributed import DistributedError  # noqa: E402
 
 N_TRAIN, N_TARGETS, BATCH, PROJ_DIM, HIDDEN = 120, 10, 10, 32, 16
 

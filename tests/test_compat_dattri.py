@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import trak_fast  # noqa: E402
 from trak_fast.compat import dattri as td  # noqa: E402
-from trak_fast.digits import load_digits, make_mlp, train  # noqa: E402
+from trak_fast.eval.digits import load_digits, make_mlp, train  # noqa: E402
 
 ORIGINAL = dattri_projection.random_project
 

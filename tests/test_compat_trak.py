@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from trak_fast import _ops, model_seed, projection_matrix
+from trak_fast.ops import library as _ops
+from trak_fast import model_seed, projection_matrix
 from trak_fast.compat.trak import TrakFastProjector
 
 import trak.projectors as trak_projectors  # noqa: E402  (traker==0.3.2 is a test dependency)

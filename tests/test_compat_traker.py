@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast import digits
+from trak_fast.eval import digits
 from trak_fast.compat.trak import TrakFastProjector
 
 import scipy.stats as scipy_stats  # noqa: E402  (scipy comes with scikit-learn, a test dependency)

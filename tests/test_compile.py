@@ -9,7 +9,7 @@ import torch
 import torch._dynamo.testing
 
 import trak_fast
-from trak_fast.projector import Projector
+from trak_fast.ops.projector import Projector
 
 
 @pytest.fixture(autouse=True)

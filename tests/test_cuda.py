@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import trak_fast
-from trak_fast import _ops
+from trak_fast.ops import library as _ops
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and _ops.has_cuda_kernels()),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast import demo
+from trak_fast.eval import demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -184,7 +184,7 @@ def test_ranks_with_other_settings_or_unshared_store_raise(runs):
 def test_another_job_on_the_same_model_id_gets_store_busy(reference, tmp_path):
     """The ranks of one job share rank 0's model lock; a second job (here: this process
     holding the lock) makes the job fail on every rank, StoreBusyError on rank 0."""
-    from trak_fast.store import _flock
+    from trak_fast.pipeline.store import _flock
     shutil.copy(reference / "data.pt", tmp_path / "data.pt")
     store = tmp_path / "store"
     store.mkdir()

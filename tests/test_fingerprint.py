@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast import digits
-from trak_fast.attribute import attribute
-from trak_fast.fingerprint import (FULL_ELEMENTS, ExampleMismatchError, example_hashes)
-from trak_fast.trak import TRAK
+from trak_fast.eval import digits
+from trak_fast.pipeline.attribute import attribute
+from trak_fast.pipeline.fingerprint import (FULL_ELEMENTS, ExampleMismatchError, example_hashes)
+from trak_fast.pipeline.trak import TRAK
 
 from counting_task import CountingTask
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from trak_fast import TRAK, Featurizer, StoreMismatchError, Task, attribute, digits, featurize
+from trak_fast import TRAK, Featurizer, StoreMismatchError, Task, attribute, featurize
+from trak_fast.eval import digits
 from trak_fast import model_seed, projection_matrix
-from trak_fast.tasks import ClassificationTask
+from trak_fast.features.tasks import ClassificationTask
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast.kernel import (RegularizedInverse, check_kernel, compute_kernel, gram_matrix, kernel_matrix,
+from trak_fast.scoring.kernel import (RegularizedInverse, check_kernel, compute_kernel, gram_matrix, kernel_matrix,
                               resolve_lambda)
 
 

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import trak_fast
 from trak_fast import ClassificationTask, LanguageModelingTask
-from trak_fast.tasks import get_task
+from trak_fast.features.tasks import get_task
 
 VOCAB = 13
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from trak_fast import TRAK, Featurizer, StoreMismatchError, attribute, digits, featurize
+from trak_fast import TRAK, Featurizer, StoreMismatchError, attribute, featurize
+from trak_fast.eval import digits
 from trak_fast import model_seed, projection_matrix
-from trak_fast.layout import per_layer_dims
+from trak_fast.features.layout import per_layer_dims
 
 N, T = 40, 5
 

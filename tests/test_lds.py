@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trak_fast import lds as L
+from trak_fast.eval import lds as L
 
 
 def _average_ranks_reference(values: list) -> list:

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from trak_fast import digits, model_seed, project, projection_matrix
-from trak_fast.attribute import attribute
-from trak_fast.featurize import featurize, target_features
-from trak_fast.kernel import RegularizedInverse, compute_kernel, kernel_matrix
-from trak_fast.score import model_scores
-from trak_fast.tasks import ClassificationTask, RegressionTask, Task
+from trak_fast.pipeline.attribute import attribute
+from trak_fast.features.loop import featurize, target_features
+from trak_fast.scoring.kernel import RegularizedInverse, compute_kernel, kernel_matrix
+from trak_fast.scoring.scores import model_scores
+from trak_fast.features.tasks import ClassificationTask, RegressionTask, Task
 
 N_TRAIN, N_TARGETS = 120, 6
 

@@ -6,8 +6,9 @@ import pickle
 import pytest
 import torch
 
-from trak_fast import _ops, model_seed, project, projection_matrix
-from trak_fast.projector import Projector
+from trak_fast.ops import library as _ops
+from trak_fast import model_seed, project, projection_matrix
+from trak_fast.ops.projector import Projector
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ops.has_cuda_kernels() else [])
 
@@ -128,7 +129,7 @@ def test_bad_call_arguments():
 
 def test_settings_reach_the_project_call(monkeypatch):
     """precision only changes CUDA arithmetic, so on the CPU it is checked by what is passed."""
-    import trak_fast.projector as projector_module
+    import trak_fast.ops.projector as projector_module
 
     seen = {}
 

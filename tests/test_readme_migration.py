@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from trak_fast import digits
-from trak_fast.attribute import attribute
+from trak_fast.eval import digits
+from trak_fast.pipeline.attribute import attribute
 
 import trak  # noqa: E402,F401  (traker==0.3.2 is a test dependency)
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast.kernel import compute_kernel, Kernel
-from trak_fast.score import damping, finish_ensemble, model_scores
+from trak_fast.scoring.kernel import compute_kernel, Kernel
+from trak_fast import ScoreSettings
+from trak_fast.scoring.scores import finish_ensemble, model_scores
 
 
 def _randn(*shape, seed=0):
@@ -78,12 +79,17 @@ def test_ensemble_is_mean_scores_times_mean_out_to_loss():
     torch.testing.assert_close(acc, expected)
 
 
+def _damping(ensemble, lambda_reg, relative_lambda):
+    s = ScoreSettings(ensemble=ensemble, lambda_reg=lambda_reg, relative_lambda=relative_lambda)
+    return s.lambda_reg, s.relative_lambda
+
+
 def test_damping_defaults():
-    assert damping("mean", None, None) == (3.0, True)  # the documented default (kernel.py)
-    assert damping("trak", None, None) == (0.0, False)
-    assert damping("mean", 1e-3, False) == (1e-3, False)
+    assert _damping("mean", None, None) == (3.0, True)  # the documented default (settings.py)
+    assert _damping("trak", None, None) == (0.0, False)
+    assert _damping("mean", 1e-3, False) == (1e-3, False)
     with pytest.raises(ValueError, match="ensemble"):
-        damping("median", None, None)
+        _damping("median", None, None)
 
 
 def test_mismatched_target_width_raises():

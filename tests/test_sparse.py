@@ -11,7 +11,8 @@ import torch
 
 import reference_sparse as rs
 import trak_fast
-from trak_fast import _ops, project, projection_matrix
+from trak_fast.ops import library as _ops
+from trak_fast import project, projection_matrix
 
 # (seed, row, k, c, ((column, sign) of the first min(c, 4) nonzeros)). Never edit these:
 # features computed with trak_fast must be reproducible with every later version.
@@ -413,11 +414,11 @@ def test_projector_carries_nnz():
 def test_pipeline_passes_kind_and_nnz_through(tmp_path):
     """attribute / Featurizer use the sparse matrix with the given nnz; the TRAK store records
     nnz for sparse (and refuses a different one) while dense stores keep their settings."""
-    from trak_fast import digits
-    from trak_fast.attribute import attribute
-    from trak_fast.featurize import Featurizer
-    from trak_fast.store import StoreMismatchError
-    from trak_fast.trak import TRAK
+    from trak_fast.eval import digits
+    from trak_fast.pipeline.attribute import attribute
+    from trak_fast.features.featurizer import Featurizer
+    from trak_fast.pipeline.store import StoreMismatchError
+    from trak_fast.pipeline.trak import TRAK
 
     x, y, xt, yt = digits.load_digits(n_train=60, n_targets=10)
     model = digits.train(digits.make_mlp(16), x, y, epochs=2)

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from trak_fast import digits
-from trak_fast.attribute import attribute
+from trak_fast.eval import digits
+from trak_fast.pipeline.attribute import attribute
 from torch import nn
 
-from trak_fast.store import STORE_FORMAT_VERSION, StoreBusyError, StoreMismatchError
-from trak_fast.tasks import ClassificationTask
-from trak_fast.trak import TRAK
+from trak_fast.pipeline.store import STORE_FORMAT_VERSION, StoreBusyError, StoreMismatchError
+from trak_fast.features.tasks import ClassificationTask
+from trak_fast.pipeline.trak import TRAK
+from trak_fast.pipeline.train_rows import write_train_features
 
 N_TRAIN, N_TARGETS, BATCH = 200, 8, 10
 PROJ_DIM = 64
@@ -55,8 +56,8 @@ class CountingTask(ClassificationTask):
 CHILD = r"""
 import sys, time, torch
 torch.set_num_threads(%d)
-from trak_fast import digits
-from trak_fast.trak import TRAK
+from trak_fast.eval import digits
+from trak_fast.pipeline.trak import TRAK
 inputs = torch.load(sys.argv[2])
 x, y = inputs["x"], inputs["y"]
 def slow_batches():
@@ -234,7 +235,8 @@ def test_wrong_number_of_train_rows_raises(setup, tmp_path):
     with pytest.raises(ValueError, match="more than train_size = 200"):
         trak.featurize(checkpoints[0], one_shot, model_id=0)
     with pytest.raises(ValueError, match="train yielded 0 examples.*empty loader"):
-        trak._write_train_features(trak._featurizer(checkpoints[0], 0), [], 0)
+        write_train_features(trak.store, trak._featurizer(checkpoints[0], 0), [], 0,
+                             feature_dtype="float32", progress=False)
     with pytest.raises(ValueError, match="not fully featurized"):
         trak.finalize([0])
 
@@ -290,8 +292,8 @@ def test_two_openers_featurizing_different_models_keep_both(setup, tmp_path):
 CONCURRENT_CHILD = r"""
 import sys, time, torch
 torch.set_num_threads(1)
-from trak_fast import digits
-from trak_fast.trak import TRAK
+from trak_fast.eval import digits
+from trak_fast.pipeline.trak import TRAK
 inputs = torch.load(sys.argv[2])
 model_id = int(sys.argv[3])
 def slow_batches():
@@ -391,7 +393,7 @@ def test_temp_files_of_dead_processes_are_removed_on_open(setup, tmp_path, monke
     # An exception (or Ctrl-C) inside score removes its own temporary file.
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("trak_fast.trak.block_scores", fail)
+    monkeypatch.setattr("trak_fast.pipeline.trak.add_checkpoint_scores", fail)
     with pytest.raises(KeyboardInterrupt):
         trak.score("val")
     monkeypatch.undo()

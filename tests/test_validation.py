@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from trak_fast import digits
-from trak_fast.attribute import attribute
-from trak_fast.featurize import featurize
-from trak_fast.trak import TRAK
+from trak_fast.eval import digits
+from trak_fast.pipeline.attribute import attribute
+from trak_fast.features.loop import featurize
+from trak_fast.pipeline.trak import TRAK
 
 from counting_task import CountingTask
 

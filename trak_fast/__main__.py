@@ -9,7 +9,7 @@ def info() -> int:
     import torch
 
     import trak_fast
-    from trak_fast import _ops
+    from trak_fast.ops import library as _ops
 
     try:
         from trak_fast import _build_info as build
@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command == "info":
         return info()
     if command == "demo":
-        from trak_fast import demo
+        from trak_fast.eval import demo
 
         return demo.main(rest)
     print(f"unknown command {command!r}\n{usage}", file=sys.stderr)

@@ -42,7 +42,7 @@ from typing import Callable, Dict, Iterator, Union
 
 import torch
 
-from ..projection import model_seed, project
+from ..ops.projection import model_seed, project
 
 PROJ_TYPES = {"normal": "gaussian", "rademacher": "rademacher", "sjlt": "sparse"}
 # The dattri modules that import random_project by name (dattri 0.3.0).

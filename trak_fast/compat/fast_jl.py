@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from ..projection import project
-from ..projector import as_int
+from ..ops.projection import project
+from ..ops.projection import check_int
 
 __all__ = [
     "project_rademacher_8",
@@ -61,9 +61,9 @@ def _project(input: torch.Tensor, N: int, seed: int, num_feature_tiles: Any, kin
         raise ValueError(f"input must be a 2-D tensor [B, num_features], got shape {tuple(input.shape)}")
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    N = as_int("N", N, 1, 2**31)
-    seed = as_int("seed", seed)
-    as_int("num_feature_tiles", num_feature_tiles, 0, 2**31)
+    N = check_int("N", N, 1, 2**31)
+    seed = check_int("seed", seed)
+    check_int("num_feature_tiles", num_feature_tiles, 0, 2**31)
     return project(input, N, seed=seed, kind=kind, scale=1.0).to(torch.float32)
 
 

@@ -39,7 +39,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from ..projector import Projector, as_int, dict_pieces
+from ..ops.projection import check_int
+from ..ops.projector import Projector, dict_pieces
 
 try:  # Subclass trak's base when it exists so that isinstance(p, AbstractProjector) holds.
     from trak.projectors import AbstractProjector as _Base
@@ -111,13 +112,13 @@ class TrakFastProjector(_Base):
     ) -> None:
         # Not calling AbstractProjector.__init__: it only stores these same attributes, and
         # this class must also work where trak (and so that base) is absent.
-        self.grad_dim = as_int("grad_dim", grad_dim, 1, 2**62)
-        self.proj_dim = as_int("proj_dim", proj_dim, 1, 2**31)
-        self.seed = as_int("seed", seed)
+        self.grad_dim = check_int("grad_dim", grad_dim, 1, 2**62)
+        self.proj_dim = check_int("proj_dim", proj_dim, 1, 2**31)
+        self.seed = check_int("seed", seed)
         self.proj_type = _proj_type_name(proj_type)
         self.device = torch.device(device)
         if max_batch_size is not None:
-            as_int("max_batch_size", max_batch_size, 1, 2**31)
+            check_int("max_batch_size", max_batch_size, 1, 2**31)
         self.max_batch_size = max_batch_size
         if dtype is not None and dtype not in _GRAD_DTYPES:
             raise TypeError(f"dtype must be None or a floating dtype, got {dtype}")
@@ -176,7 +177,7 @@ class TrakFastProjector(_Base):
         Returns:
             ``[B, proj_dim]`` features on ``self.device`` (float32 unless ``dtype`` was set).
         """
-        model_id = as_int("model_id", model_id)
+        model_id = check_int("model_id", model_id)
         out = self.projector(self._pieces(grads), model_id=model_id)
         return out if self.dtype is None else out.to(self.dtype)
 

@@ -27,34 +27,17 @@ and ``10^4`` targets never need the whole score matrix there.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .kernel import DEFAULT_BLOCK_ROWS, DEFAULT_LAMBDA_REL, ArrayLike, Kernel, RegularizedInverse, \
-    resolve_lambda, rows
+from ..settings import ScoreSettings
+from .kernel import DEFAULT_BLOCK_ROWS, ArrayLike, Kernel, RegularizedInverse, resolve_lambda, rows
 
-ENSEMBLES = ("mean", "trak")
 #: Targets scored at a time (columns of a score tile).
 DEFAULT_BLOCK_TARGETS = 4096
-
-
-def damping(ensemble: str, lambda_reg: Optional[float],
-            relative_lambda: Optional[bool]) -> Tuple[float, bool]:
-    """``(lambda_reg, relative)`` with the defaults filled in.
-
-    ``"mean"``: ``DEFAULT_LAMBDA_REL``, relative. ``"trak"``: ``0.0``, absolute (trak's defaults).
-    """
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-    if relative_lambda is None:
-        relative_lambda = ensemble == "mean"
-    if lambda_reg is None:
-        lambda_reg = DEFAULT_LAMBDA_REL if relative_lambda else 0.0
-    resolve_lambda(1.0, 1, lambda_reg, bool(relative_lambda))  # validates lambda_reg
-    return float(lambda_reg), bool(relative_lambda)
 
 
 def trak_feature_scale(proj_dim: Optional[int], num_grad_params: int) -> float:
@@ -197,3 +180,17 @@ def finish_ensemble(score_sum: Union[torch.Tensor, np.ndarray], out_to_loss_sum:
             score_sum[start:stop] *= factor.numpy().astype(score_sum.dtype)
         else:
             score_sum[start:stop] *= factor.to(score_sum.dtype)
+
+
+def add_checkpoint_scores(phi: ArrayLike, targets: torch.Tensor, kernels, scoring: ScoreSettings, *,
+                          out: Union[torch.Tensor, np.ndarray], proj_dim: Optional[int],
+                          num_grad_params: int, device=None, progress: bool = False) -> None:
+    """``out += S_m``: one checkpoint's scores, the step :func:`~trak_fast.attribute` and
+    :meth:`~trak_fast.TRAK.score` share. ``kernels`` as from
+    :func:`~trak_fast.scoring.kernel.compute_kernels`; ``proj_dim`` and ``num_grad_params`` give
+    trak's feature scale for ``ensemble="trak"`` (see the module docstring)."""
+    trak = scoring.ensemble == "trak"
+    block_scores(phi, targets, kernels, lambda_reg=scoring.lambda_reg,
+                 relative_lambda=scoring.relative_lambda,
+                 feature_scale=trak_feature_scale(proj_dim, num_grad_params) if trak else 1.0,
+                 normalize_inverse=trak, out=out, device=device, progress=progress)

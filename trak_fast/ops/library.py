@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading the library runs the op registrations)
+    from .. import _C  # noqa: F401  (loading the library runs the op registrations)
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
         "trak_fast's compiled extension (trak_fast._C) could not be loaded. Build it with "

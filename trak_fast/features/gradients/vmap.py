@@ -62,3 +62,25 @@ def own_memory(grad: torch.Tensor) -> torch.Tensor:
     if any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape)):
         return grad.contiguous()
     return grad
+
+
+def vmap_features(model_with: ModelFactory, task, params: Mapping[str, torch.Tensor],
+                  names: Sequence[str], uses: Mapping[str, int], batch: Any, batch_size: int,
+                  phi: torch.Tensor, writer, budget: int) -> None:
+    """The vmap strategy: per-example gradients of ``names`` into ``phi`` by ``writer``.
+
+    Groups of parameters within ``budget`` gradient elements per example row; a group larger
+    than the budget on its own runs on slices of the batch.
+    """
+    # torch.func forms each use's gradient of a tied parameter before summing them, so a
+    # parameter registered in u modules counts u times against the budget.
+    sizes = [params[n].numel() * uses[n] for n in names]
+    for group in parameter_groups(sizes, max(1, budget // batch_size)):
+        group_names = [names[i] for i in group]
+        rows = max(1, min(batch_size, budget // sum(sizes[i] for i in group)))
+        for start in range(0, batch_size, rows):
+            stop = min(batch_size, start + rows)
+            part = batch if (start, stop) == (0, batch_size) else slice_batch(batch, start, stop)
+            grads = per_example_grads(model_with, task, params, group_names, part)
+            writer.add_many(grads, group_names, phi, start, stop)
+            del grads       # before the next slice's gradients exist

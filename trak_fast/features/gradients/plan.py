@@ -1,4 +1,4 @@
-"""Per-example gradients, the costly half of featurizing, by one of two strategies.
+"""Which parameters take which per-example gradient strategy (hooks or vmap).
 
 - :mod:`~trak_fast.gradients.vmap`: ``torch.func.vmap(grad(...))``. Any model, any task; one
   forward and backward pass per group of parameters, the group's per-example gradients
@@ -9,8 +9,8 @@
   From them come either the exact per-example gradients, one layer at a time, or the factored
   projection of :mod:`~trak_fast.gradients.factored`, which never forms them.
 
-:func:`plan_gradients` decides which parameters take which path; :class:`trak_fast.Featurizer`
-runs the plan.
+:func:`plan_gradients` decides which parameters take which path; the strategies' modules
+(:mod:`.dense`, :mod:`.factored`, :mod:`.vmap`) run it, driven by :class:`trak_fast.Featurizer`.
 """
 from __future__ import annotations
 
@@ -19,17 +19,13 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
-from ..layout import FeatureBlock
-from .factored import check_factored_dims, factored_layout
 from .hooks import Use, hookable_parameters, parameter_uses
 from .layers import LayerAdapter, adapter_for
 
 logger = logging.getLogger("trak_fast")
 
-GRADIENTS = ("auto", "hooks", "vmap")
 #: Left-out parameter lists already logged (said once per process, not once per checkpoint).
 _REPORTED: set = set()
-PROJECTIONS = ("dense", "per_layer", "factored")
 
 
 class TrackedModule(NamedTuple):
@@ -53,12 +49,6 @@ class GradientPlan(NamedTuple):
     uses: Dict[str, int]              # name -> modules registering it (tied weights: > 1)
 
 
-def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
 def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradients: str,
                    projection: str, explicit_grad_wrt: bool) -> GradientPlan:
     """Assigns each parameter of ``grad_names`` to the hook or the vmap path.
@@ -72,13 +62,8 @@ def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradi
     of supported modules): named in ``grad_wrt`` otherwise is an error; with ``grad_wrt=None``
     the others are left out and logged once.
     """
-    check_choice("gradients", gradients, GRADIENTS)
-    check_choice("projection", projection, PROJECTIONS)
     batched = task.has_batched_outputs
     if projection == "factored":
-        if gradients == "vmap":
-            raise ValueError("projection='factored' needs the hook path; use gradients='auto' "
-                             "or 'hooks', not 'vmap'")
         if not batched:
             raise ValueError(f"projection='factored' needs a task with a batched outputs() "
                              f"method; task {task.name!r} defines only output()")
@@ -138,5 +123,16 @@ def _factorable(hookable: Dict[str, List[Use]]) -> Dict[str, List[Use]]:
     return keep
 
 
-__all__ = ["GRADIENTS", "PROJECTIONS", "GradientPlan", "TrackedModule", "plan_gradients",
-           "FeatureBlock", "check_factored_dims", "factored_layout"]
+def without_modules(plan: GradientPlan, modules: List[torch.nn.Module],
+                    order: Sequence[str]) -> GradientPlan:
+    """``plan`` with the parameters of ``modules`` (and any parameter tied to them) moved to
+    the vmap path; ``order`` is the differentiated parameters' model order."""
+    moved = {name for t in plan.modules if any(t.module is m for m in modules)
+             for _, name in t.params}
+    # A tied parameter also registered in a module that did see the batch must move too.
+    keep = [t for t in plan.modules if not any(name in moved for _, name in t.params)]
+    moved |= {name for t in plan.modules if t not in keep for _, name in t.params}
+    rank = {name: i for i, name in enumerate(order)}
+    return plan._replace(hooked=[n for n in plan.hooked if n not in moved],
+                         vmapped=sorted(plan.vmapped + sorted(moved), key=rank.__getitem__),
+                         modules=keep)

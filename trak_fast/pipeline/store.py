@@ -299,3 +299,38 @@ class Store:
 
     def experiment_dir(self, name: str) -> Path:
         return self.path / f"experiment_{check_name(name)}"
+
+    def targets_path(self, name: str, model_id: int) -> Path:
+        return self.experiment_dir(name) / f"targets_{model_id}.npy"
+
+    def target_examples_path(self, name: str) -> Path:
+        return self.experiment_dir(name) / "examples.npy"
+
+    def scores_path(self, name: str) -> Path:
+        return self.experiment_dir(name) / "scores.npy"
+
+    # ---- finalized kernels ------------------------------------------------------------------
+
+    def save_kernels(self, model_id: int, key: str, kernels: Any) -> None:
+        """Writes ``[(block, Kernel)]`` under ``key`` (``"<kernel>/<weights>"``) as
+        ``model_<id>/kernel_<kernel>_<weights>_<i>.npy`` and records them (one update)."""
+        folder, value = self.model_dir(model_id), []
+        for i, (block, kernel) in enumerate(kernels):
+            name = f"kernel_{key.replace('/', '_')}_{i}.npy"
+            save_array_atomic(folder / name, kernel.matrix.cpu().numpy())
+            value.append({"layer": block.layer, "start": block.start, "stop": block.stop,
+                          "form": kernel.form, "file": name})
+
+        def record(metadata: Dict[str, Any]) -> None:
+            metadata["models"][str(model_id)].setdefault("kernels", {})[key] = value
+        self.update(record)
+
+    def stored_kernels(self, model_id: int, key: str) -> Optional[list]:
+        """``[(entry, matrix loader)]`` saved under ``key``, or ``None`` if never finalized;
+        ``entry`` has ``layer``, ``start``, ``stop``, ``form``."""
+        entry = self.model_entry(model_id)
+        stored = None if entry is None else (entry.get("kernels") or {}).get(key)
+        if stored is None:
+            return None
+        folder = self.model_dir(model_id)
+        return [(b, (lambda file=b["file"]: np.load(folder / file))) for b in stored]

@@ -259,7 +259,7 @@ def lds_check(scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_target: 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from .attribute import attribute   # the pipeline; imported here so --help stays instant
+    from ..pipeline.attribute import attribute   # the pipeline; imported here so --help stays instant
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)

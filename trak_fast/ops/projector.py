@@ -28,35 +28,15 @@ The seed ``s`` of a call is
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-from .projection import (Grads, _check_kind, _check_nnz, _check_precision, _check_scale, model_seed, project,
-                         projection_matrix)
+from .projection import (MAX_SEED, Grads, _check_precision, _check_scale, check_int, check_kind, check_nnz,
+                         model_seed, project, projection_matrix)
 
-
-_MAX_SEED = 2**63
 
 __all__ = ["Projector"]
-
-
-def as_int(name: str, value: Any, low: int = 0, high: int = _MAX_SEED) -> int:
-    """``value`` as a Python int in ``[low, high)``; numpy and 0-d integer tensors are accepted.
-
-    Raises ``TypeError`` naming ``name`` for anything that is not an integer (bools and floats
-    included), ``ValueError`` when out of range.
-    """
-    if isinstance(value, bool) or isinstance(value, float):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    try:
-        result = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if not low <= result < high:
-        raise ValueError(f"{name} must be in [{low}, {high}), got {result}")
-    return result
 
 
 def dict_pieces(grads: Mapping[str, torch.Tensor]) -> list:
@@ -116,9 +96,9 @@ class Projector:
         scale: Optional[float] = None,
         nnz: int = 4,
     ) -> None:
-        proj_dim = as_int("proj_dim", proj_dim, 1, 2**31)
-        seed = as_int("seed", seed)
-        nnz = _check_nnz(nnz, _check_kind(kind), proj_dim)
+        proj_dim = check_int("proj_dim", proj_dim, 1, 2**31)
+        seed = check_int("seed", seed)
+        nnz = check_nnz(nnz, check_kind(kind), proj_dim)
         _check_precision(precision)
         if scale is not None:
             scale = _check_scale(scale, proj_dim)
@@ -206,10 +186,10 @@ class Projector:
                 "trak_fast.model_seed(seed, model_id), seed_offset adds to seed directly"
             )
         if model_id is not None:
-            return model_seed(self._seed, as_int("model_id", model_id))
+            return model_seed(self._seed, check_int("model_id", model_id))
         if seed_offset is not None:
-            offset = as_int("seed_offset", seed_offset)
-            if self._seed + offset >= _MAX_SEED:
+            offset = check_int("seed_offset", seed_offset)
+            if self._seed + offset >= MAX_SEED:
                 raise ValueError(
                     f"seed + seed_offset must be below 2**63, got {self._seed} + {offset}"
                 )

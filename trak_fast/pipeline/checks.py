@@ -33,39 +33,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .featurize import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
-from .tasks import ClassificationTask, Task
+from ..features.model import Batch, checkpoint_tensors, eval_mode, to_device
+from ..features.tasks import ClassificationTask, Task
 
 _CHUNK = 1 << 24     # elements per finiteness check: bounds the temporary bool tensor
-
-
-def compute_device(model: torch.nn.Module, device: Optional[Device]) -> torch.device:
-    """``device`` (or the model's), refused with a clear message when nothing can run there."""
-    if device is None:
-        resolved = model_device(model)
-        if resolved.type == "meta":
-            raise ValueError("the model's parameters are on the meta device (they hold no values) "
-                             "and device=None; pass device='cpu' or 'cuda' (the checkpoints "
-                             "supply the values)")
-        return resolved
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
-    if resolved.type == "meta":
-        raise ValueError("device='meta' computes nothing (meta tensors hold no values); "
-                         "pass device='cpu' or 'cuda'")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is a CPU-only build" if torch.version.cuda is None else
-                   f"this torch (CUDA {torch.version.cuda}) sees no NVIDIA GPU or driver")
-            raise ValueError(f"device={device!r} needs a CUDA GPU, but torch.cuda.is_available() "
-                             f"is False ({why}); pass device='cpu'")
-        count = torch.cuda.device_count()
-        if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device={device!r} names GPU {resolved.index}, but torch sees "
-                             f"{count} GPU(s): cuda:0 to cuda:{count - 1}")
-    return resolved
 
 
 def check_checkpoint(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
@@ -165,16 +136,6 @@ def peek(loader: Iterable[Batch], what: str) -> Tuple[Batch, Iterable[Batch]]:
         raise ValueError(f"{what} yielded no batches: expected an iterable of batches "
                          "(a list or a DataLoader that can be iterated again for every checkpoint)")
     return first, loader
-
-
-def model_fn(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
-             device: torch.device) -> Callable[..., Any]:
-    """``model`` run with ``checkpoint``'s tensors on ``device`` (the checkpoint is copied once)."""
-    params, buffers = checkpoint_tensors(model, checkpoint, device)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(model, (params, buffers), args, kwargs)
-    return run
 
 
 def check_first_batch(model: torch.nn.Module, run: Callable[..., Any], task: Task,

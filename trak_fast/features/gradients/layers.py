@@ -64,6 +64,13 @@ class LayerAdapter:
         """``a P_in``: ``[B, T, k_in]`` without forming anything larger."""
         return self.tokens(inputs).to(p_in.dtype) @ p_in
 
+    def project_dense(self, role: str, inputs: torch.Tensor, grad: torch.Tensor, name: str,
+                      writer, phi: torch.Tensor) -> bool:
+        """Projects parameter ``name``'s per-example gradient into ``phi`` by a cheaper exact
+        form than forming it, if this layer type has one; returns whether it did. ``writer`` is
+        the strategy's :class:`~.writer.FeatureWriter`."""
+        return False
+
 
 class LinearAdapter(LayerAdapter):
     @property
@@ -153,6 +160,30 @@ class EmbeddingAdapter(LayerAdapter):
             delta = delta.masked_fill((ids == self.module.padding_idx)[..., None], 0)
         out = delta.new_zeros(ids.shape[0], self.d_in, self.d_out)
         return out.scatter_add_(1, ids[..., None].expand(-1, -1, self.d_out), delta)
+
+    def project_dense(self, role: str, inputs: torch.Tensor, grad: torch.Tensor, name: str,
+                      writer, phi: torch.Tensor) -> bool:
+        """Example ``b``'s gradient has a nonzero row only per id it holds:
+        ``P^T G_b = sum_v P_v^T G_b[v]`` over the batch's distinct ids ``v`` (``P_v`` the ``d``
+        rows of P of table row ``v``), one projection per run of consecutive ids. That costs
+        ``O(U d k)`` for ``U`` distinct ids instead of the table's ``O(V d k)``."""
+        if role != "weight" or not writer.dense:
+            return False
+        batch, d = grad.shape[0], self.d_out
+        ids = inputs.reshape(batch, -1)
+        delta = grad.reshape(batch, -1, d).to(phi.dtype)
+        if self.module.padding_idx is not None:
+            delta = delta.masked_fill((ids == self.module.padding_idx)[..., None], 0)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = delta.new_zeros(batch, len(unique), d).scatter_add_(
+            1, inverse[..., None].expand(-1, -1, d), delta)                 # [B, U, d]
+        values = unique.tolist()
+        start = 0
+        for stop in range(1, len(values) + 1):
+            if stop == len(values) or values[stop] != values[stop - 1] + 1:
+                writer.add_rows(rows[:, start:stop].reshape(batch, -1), name, values[start] * d, phi)
+                start = stop
+        return True
 
 
 class LayerNormAdapter(LayerAdapter):

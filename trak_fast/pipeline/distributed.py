@@ -176,34 +176,29 @@ def all_reduce_sum(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return cpu.to(tensor.device)
 
 
-def featurize_shares(featurizer: Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]],
-                     batches: Iterable[Any], *, task: Any, what: str, out_to_loss: bool,
+def featurize_shares(featurizer: Any, batches: Iterable[Any], *, what: str, out_to_loss: bool,
                      before_batch: Optional[Callable[[str, int, Any], None]] = None,
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Every rank's batches featurized by their owners and gathered: ``(phi, q)`` on every rank.
 
     ``before_batch(where, first_row, batch)`` (a fingerprint ledger) is called on every rank for
-    every batch, so each rank checks all rows; only ``featurizer(batch)`` is split. The rows are
+    every batch, so each rank checks all rows; only the featurizing is split. The rows are
     assembled in loader order, so the result is the single-process one bit for bit.
     """
-    from .featurize import _check_same_shapes
+    from ..features.loop import batches as checked_batches, no_batches
     parts: List[Tuple[int, np.ndarray, Optional[np.ndarray]]] = []
-    rows, shapes = 0, None
     with step(f"featurizing {what}"):
-        for index, batch in enumerate(batches):
-            where = f"{what} batch {index}"
-            if task.fixed_shapes:
-                shapes = _check_same_shapes(batch, shapes, where)
-            size = task.check_batch(batch, where)
+        seen = 0
+        for item in checked_batches(batches, what, featurizer.task):
+            seen += 1
             if before_batch is not None:
-                before_batch(where, rows, batch)
-            if owns(index):
-                phi, q = featurizer(batch, where=where, out_to_loss=out_to_loss)
-                parts.append((index, phi.cpu().numpy(), None if q is None else q.cpu().numpy()))
-            rows += size
-        if rows == 0:
-            raise ValueError(f"{what} yielded no batches: expected an iterable of batches "
-                             "(a list or a DataLoader that can be iterated again)")
+                before_batch(item.where, item.first_row, item.batch)
+            if owns(item.index):
+                phi, q = featurizer.compute(item.batch, item.size, where=item.where,
+                                            out_to_loss=out_to_loss)
+                parts.append((item.index, phi.cpu().numpy(), None if q is None else q.cpu().numpy()))
+        if seen == 0:
+            raise no_batches(what)
     everything = sorted((p for rank_parts in gather(parts, f"gathering the {what} features")
                          for p in rank_parts), key=lambda p: p[0])
     phi = torch.from_numpy(np.concatenate([p[1] for p in everything]))
@@ -219,7 +214,7 @@ def reduced_kernels(features: Any, blocks: Sequence[Any], *, weights: Optional[t
     summed with ``all_reduce``. Dual blocks (more columns than rows) are computed on rank 0.
     Returns the kernels on rank 0, ``None`` on the others. Call it on every rank.
     """
-    from .kernel import Kernel, check_kernel, compute_kernel, kernel_matrix
+    from ..scoring.kernel import Kernel, compute_kernel, kernel_matrix, nonzero_kernels
     n = features.shape[0]
     start, stop = share(n)
     part_weights = None if weights is None else weights[start:stop]
@@ -239,9 +234,4 @@ def reduced_kernels(features: Any, blocks: Sequence[Any], *, weights: Optional[t
             kernel = Kernel(all_reduce_sum(kernel, f"{where}: summing the kernel"), "primal", n,
                             weights)
         out.append((block, kernel))
-    if not is_main():
-        return None
-    checked = [(b, k) for b, k in out if not (k.trace == 0 and len(out) > 1)]
-    if not checked:
-        check_kernel(Kernel(torch.zeros(1, 1, dtype=torch.float64), "primal", 1), where)
-    return [(b, check_kernel(k, where)) for b, k in checked]
+    return nonzero_kernels(out, where) if is_main() else None

@@ -31,22 +31,13 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..layout import FeatureBlock, parameter_layout
-from ..projection import model_seed, projection_matrix
+from ...ops.projection import model_seed, projection_matrix
 
 
 def name_seed(seed: int, name: str) -> int:
     """``model_seed(seed, h(name))``: the seed of a matrix that belongs to ``name``."""
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
     return model_seed(seed, int.from_bytes(digest, "little") & ((1 << 63) - 1))
-
-
-def check_factored_dims(factored_dims) -> Tuple[int, int]:
-    if (not isinstance(factored_dims, (tuple, list)) or len(factored_dims) != 2
-            or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4096
-                   for k in factored_dims)):
-        raise ValueError("factored_dims must be a pair of ints (k_out, k_in), each in [1, 4096], "
-                         f"got {factored_dims!r}")
-    return int(factored_dims[0]), int(factored_dims[1])
 
 
 class FactoredMatrices:
@@ -70,3 +61,28 @@ def factored_layout(names: Sequence[str], roles: Dict[str, str],
     """The feature blocks of ``names`` (parameter order), ``roles[name]`` "weight" or "bias"."""
     k_out, k_in = factored_dims
     return parameter_layout(names, [k_out * k_in if roles[n] == "weight" else k_out for n in names])
+
+
+def factored_tap(tracked, matrices: FactoredMatrices, offsets: Dict[str, int],
+                 phi: torch.Tensor):
+    """The factored strategy's tap of one layer: ``P_in^T a`` in the forward pass (never the
+    layer's input itself), ``P_out^T delta`` and their product in the backward pass."""
+    from .hooks import LayerTap
+    adapter = tracked.adapter
+    p_out, p_in = matrices.p_out[tracked.key], matrices.p_in[tracked.key]
+    wants_weight = any(role == "weight" for role, _ in tracked.params)
+
+    def on_input(inputs: torch.Tensor):
+        return adapter.project_tokens(inputs, p_in) if wants_weight else None
+
+    def on_grad(a_in, grad: torch.Tensor) -> None:
+        d_out = adapter.output_grads(grad).to(p_out.dtype) @ p_out           # [B, T, k_out]
+        for role, name in tracked.params:
+            start = offsets[name]
+            if role == "weight":
+                block = torch.bmm(d_out.transpose(1, 2), a_in)               # [B, k_out, k_in]
+            else:
+                block = d_out.sum(1)                                         # [B, k_out]
+            width = block[0].numel()
+            phi[:, start:start + width] += block.reshape(block.shape[0], width).to(phi.dtype)
+    return LayerTap(tracked.module, adapter, on_input, on_grad)

@@ -35,7 +35,7 @@ recorded for this row"), stored as uint64 ``[n, 2]`` arrays.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -170,3 +170,16 @@ class Ledger:
         if not self._parts:
             return np.zeros((0, 2), dtype=np.uint64)
         return np.concatenate(self._parts)
+
+
+def checkpoint_fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
+    """A hash of a state_dict's names, shapes, dtypes and bytes (to catch a swapped checkpoint)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(checkpoint):
+        tensor = checkpoint[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

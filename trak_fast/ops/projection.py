@@ -32,29 +32,39 @@ tests/test_sparse.py checks the mean and the variance formula above over many se
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+import operator
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import _ops
+from . import library as _ops
 
 Grads = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 
-_MAX_SEED = 2**63
+MAX_SEED = 2**63
 _MAX_OFFSET = 2**62
 MAX_NNZ = 64
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value < high:
-        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
-    return value
+def check_int(name: str, value: Any, low: int = 0, high: int = MAX_SEED) -> int:
+    """``value`` as a Python int in ``[low, high)``; numpy and 0-d integer tensors are accepted.
+
+    Raises ``TypeError`` naming ``name`` for anything that is not an integer (bools and floats
+    included), ``ValueError`` when out of range. The one integer check of the package.
+    """
+    if isinstance(value, (bool, float)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not low <= result < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {result}")
+    return result
 
 
-def _check_kind(kind: str) -> int:
+def check_kind(kind: str) -> int:
     if not isinstance(kind, str) or kind not in _ops.KINDS:
         raise ValueError(f"kind must be one of {sorted(_ops.KINDS)}, got {kind!r}")
     return _ops.KINDS[kind]
@@ -66,9 +76,9 @@ def _check_precision(precision: str) -> int:
     return _ops.PRECISIONS[precision]
 
 
-def _check_nnz(nnz, kind_id: int, proj_dim: int) -> int:
+def check_nnz(nnz, kind_id: int, proj_dim: int) -> int:
     """nnz is checked for every kind (an int in [1, 64]), compared with proj_dim for sparse."""
-    _check_int("nnz", nnz, 1, MAX_NNZ + 1)
+    check_int("nnz", nnz, 1, MAX_NNZ + 1)
     if kind_id == _ops.SPARSE and nnz > proj_dim:
         raise ValueError(f"nnz must be at most proj_dim ({proj_dim}) for kind='sparse', got {nnz}")
     return nnz
@@ -173,12 +183,12 @@ def project(
     The op is not differentiable: backpropagating through it raises an error.
     """
     pieces = _as_pieces(grads)
-    _check_int("proj_dim", proj_dim, 1, 2**31)
-    _check_int("seed", seed, 0, _MAX_SEED)
-    _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET)
-    kind_id = _check_kind(kind)
+    proj_dim = check_int("proj_dim", proj_dim, 1, 2**31)
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    feature_offset = check_int("feature_offset", feature_offset, 0, _MAX_OFFSET)
+    kind_id = check_kind(kind)
     precision_id = _check_precision(precision)
-    nnz = _check_nnz(nnz, kind_id, proj_dim)
+    nnz = check_nnz(nnz, kind_id, proj_dim)
     sparse = kind_id == _ops.SPARSE
     scale = _check_scale(scale, proj_dim, nnz if sparse else None)
     batch = pieces[0].shape[0]
@@ -234,12 +244,12 @@ def projection_matrix(
     rounding) and a debugging tool. Entries are defined in float32; for ``dtype=float64``
     the float32 entry is scaled in float64. ``scale`` and ``nnz`` as in :func:`project`.
     """
-    _check_int("n", n, 0, _MAX_OFFSET)
-    _check_int("proj_dim", proj_dim, 1, 2**31)
-    _check_int("seed", seed, 0, _MAX_SEED)
-    _check_int("feature_offset", feature_offset, 0, _MAX_OFFSET - n)
-    kind_id = _check_kind(kind)
-    nnz = _check_nnz(nnz, kind_id, proj_dim)
+    n = check_int("n", n, 0, _MAX_OFFSET)
+    proj_dim = check_int("proj_dim", proj_dim, 1, 2**31)
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    feature_offset = check_int("feature_offset", feature_offset, 0, _MAX_OFFSET - n)
+    kind_id = check_kind(kind)
+    nnz = check_nnz(nnz, kind_id, proj_dim)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     out = torch.empty((n, proj_dim), device=device, dtype=dtype)
@@ -257,8 +267,8 @@ def model_seed(seed: int, model_id: int) -> int:
     cleared, so it lies in ``[0, 2^63)``. Part of the on-disk format: stores record
     ``seed`` and each ``model_id``, and this function turns them into matrices.
     """
-    _check_int("seed", seed, 0, _MAX_SEED)
-    _check_int("model_id", model_id, 0, _MAX_SEED)
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    model_id = check_int("model_id", model_id, 0, MAX_SEED)
     mask = (1 << 64) - 1
     z = (seed * 0x9E3779B97F4A7C15 + model_id) & mask
     z = (z + 0x9E3779B97F4A7C15) & mask

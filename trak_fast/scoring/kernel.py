@@ -46,17 +46,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .layout import FeatureBlock, layer_blocks
+from ..features.layout import FeatureBlock, layer_blocks
+from ..settings import DEFAULT_LAMBDA_REL, KERNEL_WEIGHTS, KERNELS, check_choice  # noqa: F401
 
 logger = logging.getLogger("trak_fast")
 
-#: ``kernel=`` choices: one kernel over all features, or its block diagonal by layer.
-KERNELS = ("full", "per_layer")
-
-#: Relative damping lambda_rel (lambda = lambda_rel * tr(Phi^T Phi) / n). Chosen with the LDS
-#: harness on digits and checked on two more problems (see the module docstring); change it
-#: here and nowhere else.
-DEFAULT_LAMBDA_REL = 3.0
 
 #: Rows of Phi moved to the compute device at a time.
 DEFAULT_BLOCK_ROWS = 8192
@@ -157,22 +151,6 @@ def compute_kernel(phi: ArrayLike, *, form: str = "auto", block_rows: int = DEFA
 
 
 #: ``kernel_weights=`` choices: the row weights ``w_i`` of ``K = sum_i w_i phi_i phi_i^T``.
-KERNEL_WEIGHTS = ("none", "out_to_loss", "fisher")
-#: The default for ``ensemble="mean"`` (``ensemble="trak"`` always uses ``"none"``), chosen with
-#: the LDS harness: at lambda_rel = 3 it beat the unweighted kernel on all five problems
-#: (digits M = 1 and 5, breast_cancer, the deeper digits MLP, and wine, which was not used
-#: for tuning), and unlike ``"fisher"`` it never fell below the gradient dot product.
-DEFAULT_KERNEL_WEIGHTS = "out_to_loss"
-
-
-def resolve_kernel_weights(kernel_weights: Optional[str], ensemble: str) -> str:
-    """``kernel_weights`` with the default filled in (``None``: by ``ensemble``)."""
-    if kernel_weights is None:
-        return "none" if ensemble == "trak" else DEFAULT_KERNEL_WEIGHTS
-    kernel_row_weights(kernel_weights, torch.ones(1))           # validates it
-    return kernel_weights
-
-
 def kernel_row_weights(kernel_weights: str, out_to_loss: Optional[torch.Tensor]
                        ) -> Optional[torch.Tensor]:
     """``None`` (``"none"``), ``Q`` (``"out_to_loss"``) or ``Q^2`` (``"fisher"``), float64.
@@ -181,9 +159,7 @@ def kernel_row_weights(kernel_weights: str, out_to_loss: Optional[torch.Tensor]
     training *loss* in feature space (``grad loss_i = -Q_i grad f_i``), the curvature of
     influence functions, LoGra and EK-FAC; TRAK's ``Phi^T Phi`` weights every example alike.
     """
-    if not isinstance(kernel_weights, str) or kernel_weights not in KERNEL_WEIGHTS:
-        raise ValueError(f"kernel_weights must be one of {list(KERNEL_WEIGHTS)}, got "
-                         f"{kernel_weights!r}")
+    check_choice("kernel_weights", kernel_weights, KERNEL_WEIGHTS)
     if kernel_weights == "none":
         return None
     if out_to_loss is None:
@@ -277,8 +253,7 @@ class RegularizedInverse:
 def kernel_blocks(layout: Sequence[FeatureBlock], num_features: int, kernel: str
                   ) -> List[FeatureBlock]:
     """The column blocks that get their own kernel: all columns, or one per layer."""
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    check_choice("kernel", kernel, KERNELS)
     if kernel == "full":
         return [FeatureBlock("all", 0, num_features, "all")]
     blocks = layer_blocks(layout)
@@ -299,12 +274,20 @@ def compute_kernels(phi: ArrayLike, blocks: Sequence[FeatureBlock], *, form: str
     A layer whose features are all zero (its parameters do not affect the output) is left
     out with a warning; if every block is zero, the error of :func:`check_kernel` is raised.
     """
+    kernels = [(block, compute_kernel(phi[:, block.start:block.stop], form=form,
+                                      block_rows=block_rows, device=device, weights=weights))
+               for block in blocks]
+    return nonzero_kernels(kernels, where)
+
+
+def nonzero_kernels(kernels: Sequence[Tuple[FeatureBlock, Kernel]], where: str = ""
+                    ) -> List[Tuple[FeatureBlock, Kernel]]:
+    """``kernels`` less the layers whose features are all zero (their parameters do not affect
+    the output; dropped with a warning), each checked by :func:`check_kernel`; if every block is
+    zero, the error of :func:`check_kernel` is raised."""
     out = []
-    for block in blocks:
-        columns = phi[:, block.start:block.stop]
-        kernel = compute_kernel(columns, form=form, block_rows=block_rows, device=device,
-                                weights=weights)
-        if kernel.trace == 0 and len(blocks) > 1:
+    for block, kernel in kernels:
+        if kernel.trace == 0 and len(kernels) > 1:
             logger.warning("%slayer %s has all-zero features; it is left out of the scores",
                            f"{where}: " if where else "", block.layer)
             continue

@@ -1,0 +1,176 @@
+"""The featurizer: one checkpoint's features of one batch, ``(phi [B, k], Q [B])``.
+
+For checkpoint ``m`` with parameters ``theta_m`` and train example ``z``::
+
+    phi_m(z) = P_m^T grad_theta f(z; theta_m)        # [k], P_m = R_m / sqrt(k)
+    Q_m(z)   = -d loss / d f  at z                   # out-to-loss weight
+
+The per-example gradients come from the strategies of :mod:`trak_fast.features.gradients`:
+one batched forward and backward pass with hooks for the layers an adapter knows (dense or
+factored), then ``torch.func.vmap`` for every other parameter. All of them run the caller's
+module with the checkpoint's tensors through ``functional_call``; the module is never modified
+(its train/eval flags are switched to eval for the call and restored, hooks removed).
+
+Memory: per-example gradients of a group of parameters take ``B x p_group`` elements, at most
+``grad_memory`` bytes (:class:`~trak_fast.settings.FeatureSettings`): the hook strategy forms
+one parameter's at a time in slices of the batch, the vmap strategy cuts the parameters into
+groups within the budget. Parameters outside ``grad_wrt`` are constants: their gradients are
+never computed.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..ops.projection import model_seed
+from ..settings import FeatureSettings, feature_settings
+from .gradients import without_modules
+from .gradients.dense import dense_tap
+from .gradients.factored import FactoredMatrices, factored_tap
+from .gradients.hook_pass import hooked_pass
+from .gradients.hooks import LayerTap
+from .gradients.vmap import vmap_features
+from .gradients.writer import FeatureWriter
+from .model import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
+from .spec import FeatureSpec
+from .tasks import Task, get_task
+
+
+class Featurizer:
+    """Computes ``(phi [B, k], Q [B])`` for batches under one checkpoint.
+
+    Args:
+        model: the module whose forward defines the model; never modified.
+        checkpoint: its state_dict (parameters and persistent buffers).
+        task: a :class:`~trak_fast.Task` or a built-in task name.
+        settings: the :class:`~trak_fast.FeatureSettings`; keyword ``options`` (``proj_dim=``,
+            ``projection=``, ...) build or override them.
+        model_id: the checkpoint's index: ``P_m`` has seed ``model_seed(settings.seed, model_id)``.
+        device: where gradients are computed (``None``: the model's parameter device).
+
+    ``num_features`` is ``k``; ``layout`` lists the :class:`FeatureBlock` of each group of
+    columns; ``plan`` says which parameters take hooks and which vmap.
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], *,
+                 task: Union[str, Task] = "classification",
+                 settings: Optional[FeatureSettings] = None, model_id: int = 0,
+                 device: Optional[Device] = None, **options: Any):
+        settings = feature_settings(options, settings, where="Featurizer()")
+        self.task = get_task(task)
+        spec = FeatureSpec(model, self.task, settings)
+        self.model, self.settings, self.spec = model, settings, spec
+        self.seed = model_seed(settings.seed, model_id)
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.params, self.buffers = checkpoint_tensors(model, checkpoint, self.device,
+                                                       where=f"checkpoint {model_id}")
+        self.plan = spec.plan
+        self.dtype = (torch.float64 if any(self.params[n].dtype == torch.float64
+                                           for n in spec.grad_names) else torch.float32)
+        self.writer = FeatureWriter(spec, self.seed, settings.kind, settings.nnz, spec.sizes)
+        if settings.projection == "factored":
+            self.matrices = FactoredMatrices(self.seed, settings.kind, settings.factored_dims,
+                                             self.plan.dims, self.device, self.dtype)
+
+    # The feature space, as the spec says.
+    grad_names = property(lambda self: self.spec.grad_names)
+    num_grad_params = property(lambda self: self.spec.num_grad_params)
+    num_features = property(lambda self: self.spec.num_features)
+    layout = property(lambda self: self.spec.layout)
+    proj_dim = property(lambda self: self.spec.proj_dim)
+    offsets = property(lambda self: self.spec.offsets)
+    layer_columns = property(lambda self: self.spec.layer_columns)
+    factored_dims = property(lambda self: self.spec.factored_dims)
+
+    def _model_fn(self, params: Mapping[str, torch.Tensor]):
+        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return torch.func.functional_call(self.model, (params, self.buffers), args, kwargs)
+        return run
+
+    @property
+    def run(self):
+        """The model with this checkpoint's tensors: ``run(*args, **kwargs)`` calls forward."""
+        return self._model_fn(self.params)
+
+    def _budget(self) -> int:
+        """Gradient elements within ``grad_memory``."""
+        return max(1, self.settings.grad_memory // (8 if self.dtype == torch.float64 else 4))
+
+    def out_to_loss(self, batch: Batch) -> torch.Tensor:
+        """``Q [B]`` (float32) from one batched forward pass with the checkpoint."""
+        with torch.no_grad():
+            q = self.task.out_to_loss(self._model_fn(self.params), batch)
+        return q.detach().reshape(-1).float()
+
+    # ---- the strategies -----------------------------------------------------------------------
+
+    def _taps(self, phi: torch.Tensor, batch_size: int) -> List[LayerTap]:
+        if self.settings.projection == "factored":
+            return [factored_tap(t, self.matrices, self.spec.offsets, phi) for t in self.plan.modules]
+        return [dense_tap(t, self.writer, phi, batch_size, self._budget()) for t in self.plan.modules]
+
+    def _hook_features(self, batch: Batch, batch_size: int, phi: torch.Tensor):
+        return hooked_pass(self._taps(phi, batch_size), self.task, self._model_fn(self.params),
+                           batch, batch_size, self.device)
+
+    def _vmap_features(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> None:
+        vmap_features(self._model_fn, self.task, self.params, self.plan.vmapped, self.plan.uses,
+                      batch, batch_size, phi, self.writer, self._budget())
+
+    def _move_to_vmap(self, modules: List[torch.nn.Module]) -> None:
+        """Sends the parameters of modules that did not see the batch to the vmap path, for
+        this and every later batch."""
+        if self.settings.projection == "factored":
+            raise ValueError(f"projection='factored': {type(modules[0]).__name__} layers are "
+                             "applied to something other than the batch (e.g. a broadcast "
+                             "input), so they have no per-example factored form")
+        self.plan = without_modules(self.plan, modules, self.spec.grad_names)
+
+    def features_and_out_to_loss(self, batch: Batch, batch_size: int
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(phi [B, k], Q [B])`` for one batch on the device: the hook pass, then vmap."""
+        phi = torch.zeros(batch_size, self.num_features, dtype=self.dtype, device=self.device)
+        if self.plan.hooked:
+            q, skipped = self._hook_features(batch, batch_size, phi)
+            while skipped:        # found on the first batch only: redo it with the new plan
+                self._move_to_vmap(skipped)
+                phi.zero_()
+                q, skipped = self._hook_features(batch, batch_size, phi) if self.plan.hooked \
+                    else (self.out_to_loss(batch), [])
+        else:
+            q = self.out_to_loss(batch)     # first: validates the batch against the model cheaply
+        if self.plan.vmapped:
+            self._vmap_features(batch, batch_size, phi)
+        return phi, q
+
+    def compute(self, batch: Batch, size: int, *, where: str = "batch",
+                out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(phi [B, k], Q [B] or None)`` for one batch already checked by the loop
+        (:func:`trak_fast.features.loop.batches`), with errors that name the batch."""
+        batch = to_device(batch, self.device)
+        with eval_mode(self.model):
+            try:
+                phi, q = self.features_and_out_to_loss(batch, size)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: {exc}") from exc
+            except RuntimeError as exc:
+                raise RuntimeError(f"{where}: the model or task failed on this batch "
+                                   f"(shapes {_shapes(batch)}): {exc}") from exc
+        if q.shape != (size,):
+            raise ValueError(f"{where}: task.out_to_loss must return shape [{size}], got "
+                             f"{tuple(q.shape)}")
+        return phi, (q if out_to_loss else None)
+
+    def __call__(self, batch: Batch, *, where: str = "batch",
+                 out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(phi [B, k], Q [B] or None)`` for one batch, after validating it."""
+        size = self.task.check_batch(batch, where)
+        if size == 0:
+            raise ValueError(f"{where} is empty (batch size 0)")
+        return self.compute(batch, size, where=where, out_to_loss=out_to_loss)
+
+
+def _shapes(batch: Batch) -> List[Tuple[int, ...]]:
+    return [tuple(t.shape) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
