@@ -3,10 +3,9 @@ import pytest
 import torch
 
 import trak_fast.compat.fast_jl as fast_jl
-from trak_fast.ops import library as _ops
 from trak_fast import projection_matrix
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ops.has_cuda_kernels() else [])
+from conftest import DEVICES  # noqa: E402
 FUNCTIONS = [(f"project_{name}_{b}", kind) for name, kind in [("rademacher", "rademacher"), ("normal", "gaussian")]
              for b in (8, 16, 32)]
 

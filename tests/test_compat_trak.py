@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 
-from trak_fast.ops import library as _ops
 from trak_fast import model_seed, projection_matrix
 from trak_fast.compat.trak import TrakFastProjector
 
 import trak.projectors as trak_projectors  # noqa: E402  (traker==0.3.2 is a test dependency)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ops.has_cuda_kernels() else [])
+from conftest import DEVICES  # noqa: E402
 
 
 def grad_dict(batch=5, device="cpu", dtype=torch.float32, seed=0):

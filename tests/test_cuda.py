@@ -1,5 +1,9 @@
 """The CUDA kernels against independent references (skipped without a GPU).
 
+Cases that are the same test on either device live with the CPU tests, over ``conftest.DEVICES``
+(test_project.py, test_projector.py, the compat tests); this file holds what only CUDA has:
+the strategies, the precisions, streams, bit identity with the CPU generator.
+
 The chain of trust: tests/test_matrix_definition.py checks the CPU generator against a numpy
 reimplementation of the definition; here ``projection_matrix`` on CUDA is checked against the
 CPU one (bit for bit), and ``project`` on CUDA against ``float64 g @ P`` with P materialized
@@ -409,14 +413,6 @@ def test_nan_and_inf_propagate_to_their_rows_only(precision, n):
     assert torch.isfinite(out[others]).all()
 
 
-def test_empty_batch_and_empty_piece():
-    out = trak_fast.project(torch.randn(0, 100, device="cuda"), 64)
-    assert out.shape == (0, 64) and out.is_cuda
-    g = torch.randn(5, 300, device="cuda")
-    with_empty = trak_fast.project([torch.randn(5, 0, device="cuda"), g], 64, seed=1)
-    assert torch.equal(with_empty, trak_fast.project(g, 64, seed=1))
-
-
 def test_current_stream_is_used():
     g = torch.randn(100, 20000, device="cuda")
     expected = trak_fast.project(g, 1000, precision="bf16")
@@ -430,17 +426,6 @@ def test_current_stream_is_used():
 
 
 # ---- torch integration --------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", [0, 1, 2])
-def test_opcheck_cuda(precision):
-    g = [torch.randn(3, 40, device="cuda"), torch.randn(3, 2, 5, device="cuda").half()]
-    args = (g, 16, 5, 1, 3, 0.25, precision)
-    torch.library.opcheck(torch.ops.trak_fast.project.default, args)
-    torch.library.opcheck(torch.ops.trak_fast.project_add_.default,
-                          (torch.randn(3, 16, device="cuda"),) + args[:1] + args[2:])
-    torch.library.opcheck(torch.ops.trak_fast.fill_projection_matrix_.default,
-                          (torch.empty(7, 9, device="cuda"), 1, 0, 2, 1.0))
-
-
 def test_torch_compile_fullgraph_cuda():
     def features(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = trak_fast.project([a, b], 512, seed=3, precision="bf16")

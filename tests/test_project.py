@@ -7,6 +7,8 @@ import torch
 import trak_fast
 from trak_fast import project, projection_matrix
 
+from conftest import DEVICES
+
 KINDS = ["rademacher", "gaussian"]
 
 
@@ -108,20 +110,27 @@ def test_seeds_and_kinds_give_different_matrices():
             assert not torch.allclose(outs[i], outs[j])
 
 
-def test_empty_batch_and_mixed_dtypes():
-    assert project(torch.randn(0, 10), 5).shape == (0, 5)
-    mixed = project([torch.randn(3, 10), torch.randn(3, 10, dtype=torch.float64)], 5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_empty_piece_and_mixed_dtypes(device):
+    out = project(torch.randn(0, 10, device=device), 5)
+    assert out.shape == (0, 5) and out.device.type == device
+    g = torch.randn(5, 300, device=device)
+    with_empty = project([torch.randn(5, 0, device=device), g], 64, seed=1)
+    assert torch.equal(with_empty, project(g, 64, seed=1))
+    mixed = project([torch.randn(3, 10, device=device),
+                     torch.randn(3, 10, dtype=torch.float64, device=device)], 5)
     assert mixed.dtype == torch.float64
 
 
-def test_nan_and_inf_propagate():
-    g = torch.randn(3, 100)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate(device):
+    g = torch.randn(3, 100, device=device)
     g[1, 5] = float("nan")
     g[2, 7] = float("inf")
     out = project(g, 16)
     assert torch.isfinite(out[0]).all()
     assert torch.isnan(out[1]).all()
-    assert torch.isinf(out[2]).all()
+    assert (~torch.isfinite(out[2])).all()
 
 
 def test_deterministic():
@@ -196,12 +205,18 @@ def test_zero_width_pieces_contribute_nothing():
     assert torch.equal(project([a, b, torch.randn(3, 0, 7)], 20), project(b, 20))
 
 
-def test_opcheck_cpu():
-    g = [torch.randn(3, 40), torch.randn(3, 2, 5)]
-    args = (g, 16, 5, 1, 3, 0.25, 0)
+@pytest.mark.parametrize("device,precision", [("cpu", 0)] + [
+    ("cuda", p) for p in (0, 1, 2) if "cuda" in DEVICES])
+def test_opcheck(device, precision):
+    g = [torch.randn(3, 40, device=device), torch.randn(3, 2, 5, device=device)]
+    if device == "cuda":
+        g[1] = g[1].half()
+    args = (g, 16, 5, 1, 3, 0.25, precision)
     torch.library.opcheck(torch.ops.trak_fast.project.default, args)
-    torch.library.opcheck(torch.ops.trak_fast.project_add_.default, (torch.randn(3, 16),) + args[:1] + args[2:])
-    torch.library.opcheck(torch.ops.trak_fast.fill_projection_matrix_.default, (torch.empty(7, 9), 1, 0, 2, 1.0))
+    torch.library.opcheck(torch.ops.trak_fast.project_add_.default,
+                          (torch.randn(3, 16, device=device),) + args[:1] + args[2:])
+    torch.library.opcheck(torch.ops.trak_fast.fill_projection_matrix_.default,
+                          (torch.empty(7, 9, device=device), 1, 0, 2, 1.0))
 
 
 def test_direct_op_call_checks_arguments():

@@ -6,11 +6,10 @@ import pickle
 import pytest
 import torch
 
-from trak_fast.ops import library as _ops
 from trak_fast import model_seed, project, projection_matrix
 from trak_fast.ops.projector import Projector
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ops.has_cuda_kernels() else [])
+from conftest import DEVICES  # noqa: E402
 
 
 def reference(flat, proj_dim, seed, kind="rademacher", scale=None):

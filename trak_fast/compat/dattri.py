@@ -97,10 +97,6 @@ def random_project(
     return _random_project_func
 
 
-def _is_ours(fn) -> bool:
-    return getattr(fn, "_trak_fast", False)
-
-
 @contextlib.contextmanager
 def use_trak_fast(*, sjlt_nnz: int = 1) -> Iterator[None]:
     """Within the block, dattri's attributors project with :func:`random_project`.

@@ -79,7 +79,3 @@ def per_layer_dims(layer_sizes: Dict[str, int], proj_dim: int) -> Dict[str, int]
 
 def layout_to_json(layout: Sequence[FeatureBlock]) -> List[list]:
     return [[b.name, b.start, b.stop, b.layer] for b in layout]
-
-
-def layout_from_json(data: Sequence[Sequence]) -> List[FeatureBlock]:
-    return [FeatureBlock(str(n), int(a), int(b), str(l)) for n, a, b, l in data]

@@ -62,9 +62,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import numpy as np
+
+from ..features.layout import layout_to_json
+from . import distributed
+
+if TYPE_CHECKING:
+    from ..features.spec import FeatureSpec
+    from ..features.tasks import Task
+    from ..settings import FeatureSettings
 
 #: Version of the layout above; bump it when the meaning of any file changes.
 STORE_FORMAT_VERSION = 2    # 2: examples.npy (example fingerprints)
@@ -334,3 +342,45 @@ class Store:
             return None
         folder = self.model_dir(model_id)
         return [(b, (lambda file=b["file"]: np.load(folder / file))) for b in stored]
+
+
+def store_settings(features: FeatureSettings, spec: FeatureSpec, task: Task, train_size: int,
+                   grad_wrt: Optional[List[str]]) -> Dict[str, Any]:
+    """What a store records and checks on reopening (the keys of format version 2)."""
+    settings = {
+        "train_size": train_size, "proj_dim": spec.proj_dim, "kind": features.kind,
+        "seed": features.seed, "grad_wrt": grad_wrt, "feature_dtype": features.feature_dtype,
+        "task": task.name, "num_grad_params": spec.num_grad_params,
+        "num_features": spec.num_features, "projection": features.projection,
+        "factored_dims": None if spec.factored_dims is None else list(spec.factored_dims),
+        "layout": layout_to_json(spec.layout),
+    }
+    if features.kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
+        settings["nnz"] = features.nnz
+    return settings
+
+
+def open_store(save_dir: Union[str, os.PathLike], settings: Dict[str, Any]) -> "Store":
+    """The store; under a process group rank 0 opens (or creates) it first, then the others
+    check that they see the same directory (a token rank 0 wrote there)."""
+    if not distributed.active():
+        return Store(save_dir, settings)
+    distributed.agree("TRAK settings", settings)
+    store = token = None
+    with distributed.step(f"opening the store {str(save_dir)!r}"):
+        if distributed.is_main():
+            store = Store(save_dir, settings)
+            token = f"{os.getpid()}-{os.urandom(8).hex()}"
+            save_array_atomic(store.path / ".ranks_token.npy", np.frombuffer(token.encode(), np.uint8))
+    token = distributed.broadcast(token, "opening the store")
+    with distributed.step(f"opening the store {str(save_dir)!r}"):
+        if not distributed.is_main():
+            store = Store(save_dir, settings)
+            path = store.path / ".ranks_token.npy"
+            seen = np.load(path).tobytes().decode() if path.exists() else None
+            if seen != token:
+                raise ValueError(
+                    f"save_dir {str(save_dir)!r} on rank {distributed.rank()} is not the "
+                    "directory rank 0 opened: the store must be on a file system that every "
+                    "rank shares (the same path on every machine)")
+    return store

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..features.featurizer import Featurizer
-from ..features.layout import FeatureBlock, layout_to_json
+from ..features.layout import FeatureBlock
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device, grad_param_names
 from ..features.spec import FeatureSpec
@@ -53,7 +53,7 @@ from ..scoring.scores import add_checkpoint_scores, finish_ensemble
 from ..settings import FeatureSettings, ScoreSettings, feature_settings, score_settings
 from . import checks, distributed
 from .fingerprint import Ledger, check_rows, checkpoint_fingerprint
-from .store import Store, check_name, save_array_atomic, temp_path
+from .store import check_name, open_store, save_array_atomic, store_settings, temp_path
 from .train_rows import check_same_train_examples, write_train_features
 
 logger = logging.getLogger("trak_fast")
@@ -63,22 +63,6 @@ def _check_model_id(model_id: Any) -> int:
     if isinstance(model_id, bool) or not isinstance(model_id, int) or model_id < 0:
         raise ValueError(f"model_id must be an int >= 0, got {model_id!r}")
     return model_id
-
-
-def store_settings(features: FeatureSettings, spec: FeatureSpec, task: Task, train_size: int,
-                   grad_wrt: Optional[List[str]]) -> Dict[str, Any]:
-    """What a store records and checks on reopening (the keys of format version 2)."""
-    settings = {
-        "train_size": train_size, "proj_dim": spec.proj_dim, "kind": features.kind,
-        "seed": features.seed, "grad_wrt": grad_wrt, "feature_dtype": features.feature_dtype,
-        "task": task.name, "num_grad_params": spec.num_grad_params,
-        "num_features": spec.num_features, "projection": features.projection,
-        "factored_dims": None if spec.factored_dims is None else list(spec.factored_dims),
-        "layout": layout_to_json(spec.layout),
-    }
-    if features.kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
-        settings["nnz"] = features.nnz
-    return settings
 
 
 class TRAK:
@@ -118,7 +102,7 @@ class TRAK:
         self.spec = FeatureSpec(model, self.task, self.settings)
         grad_wrt = self.settings.grad_wrt
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
-        self.store = self._open_store(save_dir, store_settings(
+        self.store = open_store(save_dir, store_settings(
             self.settings, self.spec, self.task, train_size, self.grad_wrt))
         self.train_size, self.layout = train_size, self.spec.layout
         self.num_features = self.spec.num_features
@@ -128,32 +112,6 @@ class TRAK:
     projection = property(lambda self: self.settings.projection)
     feature_dtype = property(lambda self: self.settings.feature_dtype)
     num_grad_params = property(lambda self: self.spec.num_grad_params)
-
-    @staticmethod
-    def _open_store(save_dir: Union[str, os.PathLike], settings: Dict[str, Any]) -> Store:
-        """The store; under a process group rank 0 opens (or creates) it first, then the others
-        check that they see the same directory (a token rank 0 wrote there)."""
-        if not distributed.active():
-            return Store(save_dir, settings)
-        distributed.agree("TRAK settings", settings)
-        store = token = None
-        with distributed.step(f"opening the store {str(save_dir)!r}"):
-            if distributed.is_main():
-                store = Store(save_dir, settings)
-                token = f"{os.getpid()}-{os.urandom(8).hex()}"
-                save_array_atomic(store.path / ".ranks_token.npy", np.frombuffer(token.encode(), np.uint8))
-        token = distributed.broadcast(token, "opening the store")
-        with distributed.step(f"opening the store {str(save_dir)!r}"):
-            if not distributed.is_main():
-                store = Store(save_dir, settings)
-                path = store.path / ".ranks_token.npy"
-                seen = np.load(path).tobytes().decode() if path.exists() else None
-                if seen != token:
-                    raise ValueError(
-                        f"save_dir {str(save_dir)!r} on rank {distributed.rank()} is not the "
-                        "directory rank 0 opened: the store must be on a file system that every "
-                        "rank shares (the same path on every machine)")
-        return store
 
     def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, settings=self.settings,
