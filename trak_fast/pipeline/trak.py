@@ -328,11 +328,11 @@ class TRAK:
         features, one pass over them per checkpoint.
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
+        scoring = score_settings(options, scoring, where="TRAK.score()")
         name = check_name(name)
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is None:
             raise ValueError(f"no experiment {name!r}; call featurize_targets({name!r}, ...) first")
-        scoring = score_settings(options, scoring, where="TRAK.score()")
         scoring.check_features(self.settings)
         kernel_blocks(self.layout, self.num_features, scoring.kernel)     # a layout for it?
         ids = [int(i) for i in experiment["targets"]] if model_ids is None else \

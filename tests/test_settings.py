@@ -1,0 +1,106 @@
+"""Settings objects, keyword calls, the 0.1 module paths, and stores written before the move."""
+import dataclasses
+import importlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trak_fast
+from trak_fast import TRAK, FeatureSettings, ScoreSettings, attribute
+from trak_fast.eval import digits
+
+DATA = Path(__file__).parent / "data" / "store_v0.1"
+
+
+@pytest.fixture(scope="module")
+def problem():
+    x, y, xt, yt = digits.load_digits(60, 8, split_seed=1)
+    model = digits.make_mlp(8, seed=2)
+    ckpts = [{k: v.clone() for k, v in digits.train(digits.make_mlp(8, seed=s), x, y, epochs=2,
+                                                      seed=s).state_dict().items()} for s in (0, 1)]
+    return model, ckpts, digits.batches(x, y, 20), digits.batches(xt, yt, 8)
+
+
+def test_objects_and_keywords_give_the_same_scores(problem):
+    model, ckpts, train, targets = problem
+    by_keyword = attribute(model, ckpts, train, targets, proj_dim=32, seed=3, kind="gaussian",
+                           lambda_reg=0.5, kernel_weights="fisher", progress=False)
+    by_object = attribute(model, ckpts, train, targets, progress=False,
+                          features=FeatureSettings(proj_dim=32, seed=3, kind="gaussian"),
+                          scoring=ScoreSettings(lambda_reg=0.5, kernel_weights="fisher"))
+    assert torch.equal(by_keyword, by_object)
+    # A keyword overrides the object's field.
+    mixed = attribute(model, ckpts, train, targets, progress=False, seed=3,
+                      features=FeatureSettings(proj_dim=32, seed=99, kind="gaussian"),
+                      scoring=ScoreSettings(lambda_reg=0.5, kernel_weights="fisher"))
+    assert torch.equal(mixed, by_keyword)
+
+
+def test_unknown_keyword_and_wrong_object_are_named(problem):
+    model, ckpts, train, targets = problem
+    with pytest.raises(TypeError, match=r"attribute\(\) got unexpected keyword argument\(s\) \['proj_dims'\]"):
+        attribute(model, ckpts, train, targets, proj_dims=32)
+    with pytest.raises(TypeError, match="features must be a FeatureSettings, got ScoreSettings"):
+        attribute(model, ckpts, train, targets, features=ScoreSettings())
+    with pytest.raises(TypeError, match=r"TRAK.score\(\) got unexpected keyword argument\(s\) \['proj_dim'\]"):
+        TRAK.score(object.__new__(TRAK), "x", proj_dim=3)    # score takes score settings only
+
+
+def test_settings_are_validated_once_and_frozen():
+    s = FeatureSettings(projection="factored")
+    assert s.factored_dims == (16, 16) and s.grad_wrt is None
+    assert FeatureSettings(grad_wrt=["a", "b"]).grad_wrt == ("a", "b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.proj_dim = 3
+    for bad, match in [(dict(proj_dim=0), "proj_dim must be an int"), (dict(kind="x"), "kind must be one of"),
+                       (dict(seed=-1), r"seed must be in \[0"), (dict(nnz=0, kind="sparse"), "nnz"),
+                       (dict(projection="sketch"), "projection must be one of"),
+                       (dict(gradients="fast"), "gradients must be one of"),
+                       (dict(factored_dims=(4, 4)), "only used with projection='factored'"),
+                       (dict(projection="factored", gradients="vmap"), "needs the hook path"),
+                       (dict(grad_wrt="fc.weight"), "list of parameter names"),
+                       (dict(grad_memory=0), "grad_memory"), (dict(feature_dtype="int8"), "feature_dtype")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            FeatureSettings(**bad)
+    assert ScoreSettings() == ScoreSettings(ensemble="mean", lambda_reg=3.0, relative_lambda=True,
+                                            kernel="full", kernel_weights="out_to_loss")
+    assert ScoreSettings(ensemble="trak").kernel_weights == "none"
+    for bad, match in [(dict(ensemble="median"), "ensemble"), (dict(lambda_reg=-1.0), "lambda_reg"),
+                       (dict(kernel="diag"), "kernel must be one of"),
+                       (dict(kernel_weights="w"), "kernel_weights must be one of"),
+                       (dict(ensemble="trak", kernel="per_layer"), "ensemble='trak'")]:
+        with pytest.raises(ValueError, match=match):
+            ScoreSettings(**bad)
+    with pytest.raises(ValueError, match="projection='factored'"):
+        ScoreSettings(ensemble="trak").check_features(FeatureSettings(projection="factored"))
+
+
+def test_old_module_paths_still_import():
+    for old, new in trak_fast.MOVED.items():
+        assert importlib.import_module(f"trak_fast.{old}") is importlib.import_module(f"trak_fast.{new}")
+    from trak_fast.featurize import Featurizer    # the 0.1 spelling
+    assert Featurizer is trak_fast.Featurizer
+    # The functions keep their names although modules of the same names were imported.
+    assert callable(trak_fast.featurize) and callable(trak_fast.attribute)
+    assert trak_fast.featurize.__module__ == "trak_fast.features.loop"
+
+
+def test_store_written_by_0_1_opens_and_scores_the_same(tmp_path):
+    """tests/data/store_v0.1 was written by trak_fast 0.1.0 (the flat package): it opens with
+    the same settings, and scoring its stored features again gives its stored scores."""
+    store = tmp_path / "store"
+    shutil.copytree(DATA / "store", store)
+    ckpt = torch.load(DATA / "checkpoint.pt")
+    trak = TRAK(store, digits.make_mlp(8, seed=0), train_size=40, proj_dim=16, progress=False)
+    assert trak.model_ids == [0]
+    before = np.array(trak.load_scores("val"))
+    again = trak.score("val", overwrite=True)
+    np.testing.assert_allclose(again, before, rtol=1e-5, atol=1e-7)
+    with pytest.raises(trak_fast.StoreMismatchError, match="proj_dim"):
+        TRAK(store, digits.make_mlp(8, seed=0), train_size=40, proj_dim=32, progress=False)
+    data = torch.load(DATA / "data.pt")
+    trak.featurize_targets("val2", ckpt, digits.batches(data["xt"], data["yt"]), model_id=0)
+    np.testing.assert_allclose(trak.score("val2"), before, rtol=1e-5, atol=1e-7)
