@@ -480,3 +480,43 @@ def test_embedding_and_layernorm_hooks_equal_vmap(proj_dim):
     reference = featurize(model, model.state_dict(), batches, proj_dim=proj_dim, gradients="vmap")
     hooked = featurize(model, model.state_dict(), batches, proj_dim=proj_dim, gradients="hooks")
     assert _rel(hooked.phi, reference.phi) < 1e-5
+
+
+def test_gradient_paths_are_reported(data, caplog):
+    """Features and the store say which parameters took which path; INFO logs it once."""
+    import logging
+    model = tiny_gpt2()
+    batches = _text_batches()
+    with caplog.at_level(logging.INFO, logger="trak_fast"):
+        feats = featurize(model, model.state_dict(), batches, task=NextTokenMargin(), proj_dim=8)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(feats.paths["hooks"] + feats.paths["vmap"]) == sorted(names)
+    assert "transformer.wpe.weight" in feats.paths["vmap"]          # the broadcast position table
+    assert "transformer.h.0.attn.c_attn.weight" in feats.paths["hooks"]
+    assert feats.paths["left_out"] == []
+    assert any("per-example gradients: hooks:" in r.getMessage() for r in caplog.records)
+    factored = featurize(model, model.state_dict(), batches, task=NextTokenMargin(),
+                         projection="factored")
+    assert set(factored.paths["left_out"]) >= {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert factored.paths["vmap"] == []
+
+
+def test_vmap_failure_names_the_parameters_and_the_ways_out(data):
+    class Gate(nn.Module):              # no adapter: its parameter takes the vmap path
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(10))
+
+        def forward(self, x):
+            if (x > 0).any():           # data-dependent control flow: vmap cannot run it
+                x = x * self.scale
+            return x
+
+    model = nn.Sequential(nn.Linear(64, 10), Gate())
+    with pytest.raises(RuntimeError, match=r"1 parameters have no hook adapter and take the vmap "
+                       r"path \(\['1.scale'\]\).*grad_wrt=") as info:
+        featurize(model, model.state_dict(), digits.batches(*data[:2]), proj_dim=8)
+    assert "file an issue" not in str(info.value).lower()
+    # The way out it names works: the hooked parameters alone.
+    featurize(model, model.state_dict(), digits.batches(*data[:2]), proj_dim=8,
+              grad_wrt=["0.weight", "0.bias"])

@@ -19,6 +19,7 @@ never computed.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ..ops.projection import model_seed
 from ..settings import FeatureSettings, feature_settings
-from .gradients import without_modules
+from .gradients import describe_paths, gradient_paths, without_modules
 from .gradients.dense import dense_tap
 from .gradients.factored import FactoredMatrices, factored_tap
 from .gradients.hook_pass import hooked_pass
@@ -36,6 +37,10 @@ from .gradients.writer import FeatureWriter
 from .model import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
 from .spec import FeatureSpec
 from .tasks import Task, get_task
+
+logger = logging.getLogger("trak_fast")
+#: Path summaries already logged (once per process and model, not once per checkpoint).
+_LOGGED: set = set()
 
 
 class Featurizer:
@@ -119,6 +124,39 @@ class Featurizer:
         vmap_features(self._model_fn, self.task, self.params, self.plan.vmapped, self.plan.uses,
                       batch, batch_size, phi, self.writer, self._budget())
 
+    @property
+    def gradient_paths(self):
+        """``{"hooks": [...], "vmap": [...], "left_out": [...]}``: the path of each parameter
+        (final after the first batch, which finds tables applied to a broadcast input)."""
+        return gradient_paths(self.plan)
+
+    def _run_vmap(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> None:
+        try:
+            self._vmap_features(batch, batch_size, phi)
+        except RuntimeError as exc:
+            if "vmap" not in str(exc) and "functorch" not in str(exc):
+                raise
+            names = self.plan.vmapped
+            control_flow = "data-dependent control flow" in str(exc)
+            error = RuntimeError(
+                f"{len(names)} parameters have no hook adapter and take the vmap path "
+                f"({names[:6]}{' ...' if len(names) > 6 else ''}), but this model cannot run "
+                "under torch.func.vmap ("
+                + ("its forward has data-dependent control flow, e.g. attention-mask code"
+                   if control_flow else f"{type(exc).__name__} from torch.func") + "). Two ways "
+                "out: leave them out with grad_wrt=[the other parameter names], or make their "
+                "layers ones trak_fast has adapters for (nn.Linear, Conv1D, nn.Conv2d, "
+                "nn.Embedding, nn.LayerNorm, RMSNorm kin).")
+            if control_flow:        # torch's own message asks to report a torch bug: it is not one
+                raise error from None
+            raise error from exc
+
+    def _log_paths(self) -> None:
+        line = describe_paths(self.plan, self.spec.sizes)
+        if (id(self.model), line) not in _LOGGED:
+            _LOGGED.add((id(self.model), line))
+            logger.info("trak_fast per-example gradients: %s", line)
+
     def _move_to_vmap(self, modules: List[torch.nn.Module]) -> None:
         """Sends the parameters of modules that did not see the batch to the vmap path, for
         this and every later batch."""
@@ -141,8 +179,9 @@ class Featurizer:
                     else (self.out_to_loss(batch), [])
         else:
             q = self.out_to_loss(batch)     # first: validates the batch against the model cheaply
+        self._log_paths()
         if self.plan.vmapped:
-            self._vmap_features(batch, batch_size, phi)
+            self._run_vmap(batch, batch_size, phi)
         return phi, q
 
     def compute(self, batch: Batch, size: int, *, where: str = "batch",

@@ -24,14 +24,16 @@ from .tasks import Task
 
 class Features:
     """One checkpoint's train features: ``phi [n, k]``, out-to-loss weights ``out_to_loss [n]``
-    (``None`` when not requested) and ``layout``, the :class:`~trak_fast.features.layout.FeatureBlock`
-    of each group of columns. Unpacks as ``phi, out_to_loss = features``."""
+    (``None`` when not requested), ``layout``, the :class:`~trak_fast.features.layout.FeatureBlock`
+    of each group of columns, and ``paths``: which parameters took the hook path, which vmap,
+    and which were left out (``projection="factored"``). Unpacks as ``phi, out_to_loss = features``."""
 
-    __slots__ = ("phi", "out_to_loss", "layout")
+    __slots__ = ("phi", "out_to_loss", "layout", "paths")
 
     def __init__(self, phi: torch.Tensor, out_to_loss: Optional[torch.Tensor],
-                 layout: Sequence[FeatureBlock] = ()):
+                 layout: Sequence[FeatureBlock] = (), paths: Optional[dict] = None):
         self.phi, self.out_to_loss, self.layout = phi, out_to_loss, list(layout)
+        self.paths = paths
 
     def __iter__(self):
         return iter((self.phi, self.out_to_loss))
@@ -125,7 +127,8 @@ def featurize_with(featurizer: Featurizer, loader: Iterable[Batch], *, what: str
             qs.append(q.cpu())
     if not phis:
         raise no_batches(what)
-    return Features(torch.cat(phis), torch.cat(qs) if out_to_loss else None, featurizer.layout)
+    return Features(torch.cat(phis), torch.cat(qs) if out_to_loss else None, featurizer.layout,
+                    featurizer.gradient_paths)
 
 
 def target_features(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],

@@ -165,6 +165,8 @@ class TRAK:
 
         def mark_featurized(metadata: Dict[str, Any]) -> None:
             metadata["models"][str(model_id)]["featurized"] = True
+            # Which parameters took hooks, vmap, or were left out (factored): for the reader.
+            metadata["models"][str(model_id)]["gradient_paths"] = featurizer.gradient_paths
 
         # The model's lock is held for the whole run, by rank 0 for all ranks of a job (they
         # write disjoint rows): a second job featurizing this model_id fails fast rather than

@@ -11,6 +11,8 @@
 :func:`~.plan.plan_gradients` decides which parameters take which path; every strategy writes
 into the features through one :class:`~.writer.FeatureWriter`.
 """
-from .plan import GradientPlan, TrackedModule, plan_gradients, without_modules
+from .plan import (GradientPlan, TrackedModule, describe_paths, gradient_paths, plan_gradients,
+                   without_modules)
 
-__all__ = ["GradientPlan", "TrackedModule", "plan_gradients", "without_modules"]
+__all__ = ["GradientPlan", "TrackedModule", "plan_gradients", "without_modules", "gradient_paths",
+           "describe_paths"]

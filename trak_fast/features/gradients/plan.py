@@ -47,6 +47,7 @@ class GradientPlan(NamedTuple):
     roles: Dict[str, str]             # hooked name -> "weight" | "bias"
     dims: Dict[str, Tuple[int, int]]  # module key -> (d_out, d_in)
     uses: Dict[str, int]              # name -> modules registering it (tied weights: > 1)
+    left_out: List[str]               # factored: differentiable parameters without a form
 
 
 def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradients: str,
@@ -73,6 +74,7 @@ def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradi
                          "outputs() or use gradients='auto' (vmap for this task)")
     use_hooks = gradients == "hooks" or (gradients == "auto" and batched)
     hookable = hookable_parameters(model) if use_hooks else {}
+    left_out: List[str] = []
     if projection == "factored":
         hookable = _factorable(hookable)
         left_out = [n for n in grad_names if n not in hookable]
@@ -109,7 +111,7 @@ def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradi
                 dims[key] = (adapter.d_out, adapter.d_in)
             entry.params.append((use.role, name))
     uses = {name: max(1, len(u)) for name, u in parameter_uses(model).items()}
-    return GradientPlan(hooked, vmapped, list(modules.values()), roles, dims, uses)
+    return GradientPlan(hooked, vmapped, list(modules.values()), roles, dims, uses, left_out)
 
 
 def _factorable(hookable: Dict[str, List[Use]]) -> Dict[str, List[Use]]:
@@ -136,3 +138,21 @@ def without_modules(plan: GradientPlan, modules: List[torch.nn.Module],
     return plan._replace(hooked=[n for n in plan.hooked if n not in moved],
                          vmapped=sorted(plan.vmapped + sorted(moved), key=rank.__getitem__),
                          modules=keep)
+
+
+def gradient_paths(plan: GradientPlan) -> Dict[str, List[str]]:
+    """``{"hooks": [...], "vmap": [...], "left_out": [...]}``: which path each parameter takes."""
+    return {"hooks": list(plan.hooked), "vmap": list(plan.vmapped), "left_out": list(plan.left_out)}
+
+
+def describe_paths(plan: GradientPlan, sizes: Dict[str, int]) -> str:
+    """One line: how many parameters, and what share of their elements, take each path."""
+    paths = gradient_paths(plan)
+    total = max(1, sum(sizes[n] for names in paths.values() for n in names))
+    parts = []
+    for label, names in paths.items():
+        if names:
+            share = 100 * sum(sizes[n] for n in names) / total
+            listed = "" if label == "hooks" else f" {names[:6]}{' ...' if len(names) > 6 else ''}"
+            parts.append(f"{label.replace('_', ' ')}: {len(names)} parameters ({share:.1f}%){listed}")
+    return "; ".join(parts)
