@@ -185,10 +185,10 @@ def test_plan_tied_and_unsupported_parameters(data):
     # wte is registered in an Embedding and (as lm_head.weight) in a Linear: both supported.
     assert {"transformer.wte.weight", "transformer.h.0.ln_1.weight",
             "transformer.h.0.attn.c_attn.weight"} <= set(f.plan.hooked)
-    # wpe looks up [1, T] positions broadcast over the batch: found on the first batch and
-    # moved to the vmap path (the batch is redone, so nothing is counted twice).
+    # wpe looks up [1, T] positions broadcast over the batch: the hooks tap it with the
+    # positions expanded to the batch (per-example output gradients), so it stays hooked.
     f(_text_batches()[0])
-    assert f.plan.vmapped == ["transformer.wpe.weight"]
+    assert f.plan.vmapped == [] and "transformer.wpe.weight" in f.plan.hooked
     cnn = StridedCNN()
     plan = Featurizer(cnn, cnn.state_dict(), proj_dim=8).plan
     assert plan.vmapped == ["c3.weight", "c3.bias"] and "c2.weight" in plan.hooked
