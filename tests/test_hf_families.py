@@ -183,6 +183,7 @@ def hooked(model, task, batch, make_tap):
         f, q = task.batched_outputs_and_out_to_loss(model, batch)
         backward_through_taps(f.sum(), anchor)
     assert skipped == [], f"modules that did not see the batch: {skipped}"
+    assert f.shape == (size,) and q.shape == (size,)
     return f
 
 
@@ -577,3 +578,43 @@ def test_featurize_needs_no_vmap_pass(family, monkeypatch):
     f = trak_fast.Featurizer(model, model.state_dict(), task=task, proj_dim=16)
     phi, _ = f(batch)
     assert f.plan.vmapped == [] and torch.isfinite(phi).all()
+
+
+class MarginOnly(Task):
+    """Only the batched outputs (a margin per example); no output(), no check_batch."""
+
+    name = "test-margin-only"
+
+    def outputs(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return logits.gather(1, y[:, None])[:, 0] - logits.logsumexp(1)
+
+    def out_to_loss(self, model, batch):
+        return torch.ones(batch[0].shape[0])
+
+
+@pytest.mark.parametrize("gradients", ["vmap", "hooks", "auto"])
+def test_a_task_with_only_outputs_on_every_path(gradients):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 4)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 4, (7,))
+    task = MarginOnly()
+    names = [n for n, _ in model.named_parameters()]
+    expected = flat(reference_grads(model, task, [(x[b:b + 1], y[b:b + 1]) for b in range(7)]), names)
+    phi = trak_fast.featurize(model, model.state_dict(), [(x[:4], y[:4]), (x[4:], y[4:])],
+                              task=task, proj_dim=None, gradients=gradients).phi
+    assert rel(phi, expected) < 1e-10
+
+
+@PHASE2
+def test_classification_dict_batches_of_different_lengths():
+    """Dynamically padded text: each batch padded to its own longest sequence."""
+    model, task = make_model("bert"), ClassificationTask()
+    batch, examples = cls_batch("right")
+    short = {k: (v[2:, :7] if v.dim() == 2 else v[2:]) for k, v in batch.items()}  # rows 2, 3: <= 7 tokens
+    feats = trak_fast.featurize(model, model.state_dict(), [batch, short], task="classification",
+                                proj_dim=None)
+    names = [n for n, _ in model.named_parameters()]
+    expected = flat(reference_grads(model, task, examples + examples[2:]), names)
+    assert rel(feats.phi, expected) < 1e-5

@@ -12,17 +12,22 @@ logits)``; for cross-entropy the loss is ``log(1 + exp(-f))``, so ``Q = 1 - p_y`
 :class:`LanguageModelingTask` sums that margin over a sequence's predicted tokens and
 averages ``1 - p_t`` over them (``task="language_modeling"``).
 
-Writing your own task means subclassing :class:`Task`. ``output`` sees **one** example (the
-batch dimension removed, as ``torch.func.vmap`` hands it over) and a ``model`` callable that
-runs the checkpoint on a **batch**; ``out_to_loss`` sees a whole batch. Batches can be any
-pytree of tensors (tuples, dicts), e.g. a text model's ``{"input_ids": ..., "labels": ...}``::
+Writing your own task means subclassing :class:`Task` and defining ``out_to_loss`` and
+either ``outputs`` (preferred) or ``output``. ``outputs`` sees a whole **batch** and returns
+``[f(z_1), ..., f(z_B)]`` from one forward pass, example ``b``'s value depending on example
+``b`` only; every gradient path can use it (the vmap path through a batch of one). ``output``
+sees **one** example (the batch dimension removed, as ``torch.func.vmap`` hands it over) and
+serves the vmap path only. The ``model`` callable runs the checkpoint on a **batch**;
+``out_to_loss`` sees a whole batch and runs without gradients (never measured, so it may call
+the model in any way). Batches can be any pytree of tensors (tuples, dicts), e.g. a text
+model's ``{"input_ids": ..., "labels": ...}``::
 
-    class NextTokenMargin(Task):
-        def output(self, model, example):
-            logits = model(input_ids=example["input_ids"][None])[0, -1]   # [vocab]
-            return margin(logits, example["labels"])                       # 0-d
+    class LastTokenMargin(Task):
+        def outputs(self, model, batch):
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]   # [B, vocab]
+            return batched_margin(logits, batch["labels"])               # [B]
         def out_to_loss(self, model, batch):
-            logits = model(input_ids=batch["input_ids"])[:, -1]
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]
             return 1 - logits.softmax(-1).gather(1, batch["labels"][:, None])[:, 0]
 """
 from __future__ import annotations
