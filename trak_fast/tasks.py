@@ -304,9 +304,10 @@ class ClassificationTask(Task):
                                 f"{type(inputs).__name__} and {type(labels).__name__}")
         else:
             raise TypeError(
-                f"{where}: the classification task expects (inputs, labels) batches or dicts "
-                f"with 'labels' and the model's keyword inputs, got {type(batch).__name__}"
+                f"{where}: the classification task expects (inputs, labels) batches, got "
+                f"{type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                + " (or dict batches: 'labels' and the model's keyword inputs)"
             )
         if labels.dim() != 1 or labels.dtype not in _INTEGER_DTYPES:
             raise ValueError(f"{where}: labels must be a 1-D integer tensor [B], got "
