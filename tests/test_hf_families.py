@@ -566,7 +566,7 @@ def test_featurize_factored_covers_every_parameter_exactly(family, side):
     assert gram_error(phi, expected) < 1e-4 and rel(phi, expected) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_featurize_needs_no_vmap_pass(family, monkeypatch):
     """At defaults (SDPA attention, which vmap cannot run with a mask) every parameter is
     hooked: the vmap path is never entered."""

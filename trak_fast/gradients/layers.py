@@ -403,8 +403,8 @@ def elementwise_affine_kind(module: torch.nn.Module) -> Optional[bool]:
     1-D ``weight`` (and a ``bias`` of its shape), defined outside ``torch.nn`` (torch's own
     classes are recognised by type). The verdict comes from what the module computes, not its
     name: its forward, run on a copy with random weights ``w1, w2`` (and biases) on random
-    ``x`` of shapes ``[2, d + 1, d]`` and ``[3, d]``, must give ``w * h(x) + b`` with
-    ``h(x)`` its output at ``w = 1, b = 0``, to 1e-5 (relative). The per-example weight
+    ``x`` of shapes ``[2, 3, d]`` (``[2, 5, d]`` if ``d = 3``) and ``[3, d]``, must give
+    ``w * h(x) + b`` with ``h(x)`` its output at ``w = 1, b = 0``, to 1e-5 (relative). The per-example weight
     gradient ``sum_t delta_t * h(x_t)`` then holds exactly, whatever ``h`` is (RMSNorm,
     LayerNorm variants, a fixed scale). A look-alike that uses its weight otherwise (``(1 + w)
     * h(x)``, Gemma's, or normalizes after scaling) fails the probe and keeps the vmap path.
@@ -437,7 +437,7 @@ def _probe(module: torch.nn.Module) -> Optional[bool]:
 
     try:
         with torch.no_grad():
-            for shape in ((2, d + 1, d), (3, d)):
+            for shape in ((2, 3 if d != 3 else 5, d), (3, d)):    # small: one probe per module
                 x = rand(*shape) * 2.0 + 0.5
                 ones = torch.ones(d, dtype=torch.float32, device=weight.device)
                 h = _forward_with(module, ones, torch.zeros_like(ones) if has_bias else None, x)
