@@ -618,3 +618,29 @@ def test_classification_dict_batches_of_different_lengths():
     names = [n for n, _ in model.named_parameters()]
     expected = flat(reference_grads(model, task, examples + examples[2:]), names)
     assert rel(feats.phi, expected) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_featurize_dense_projection(family):
+    """``P^T grad`` (embedding rows projected by distinct ids, tied and shared-index tables
+    included) against the explicit matrix times the reference gradients."""
+    model, task, batch, examples = case(family, "left" if family == "gpt2" else "right")
+    names = [n for n, _ in model.named_parameters()]
+    expected = flat(reference_grads(model, task, examples), names)
+    p = projection_matrix(expected.shape[1], 48, seed=model_seed(3, 2), dtype=torch.float64)
+    phi = trak_fast.featurize(model, model.state_dict(), [batch], task=task, proj_dim=48,
+                              seed=3, model_id=2).phi
+    assert gram_error(phi, expected @ p) < 1e-4 and rel(phi, expected @ p) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_featurize_float32_models(family):
+    """A float32 checkpoint's raw features against the float64 reference (Gram error)."""
+    model, task, batch, examples = case(family, "right")
+    names = [n for n, _ in model.named_parameters()]
+    expected = flat(reference_grads(model, task, examples), names)
+    single = _config(family)[0](model.config).eval()
+    single.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    phi = trak_fast.featurize(single, single.state_dict(), [batch], task=task, proj_dim=None).phi
+    assert phi.dtype == torch.float32
+    assert gram_error(phi.double(), expected) < 1e-4
