@@ -186,10 +186,10 @@ def test_plan_tied_and_unsupported_parameters(data):
     # wte is registered in an Embedding and (as lm_head.weight) in a Linear: both supported.
     assert {"transformer.wte.weight", "transformer.h.0.ln_1.weight",
             "transformer.h.0.attn.c_attn.weight"} <= set(f.plan.hooked)
-    # wpe looks up [1, T] positions broadcast over the batch: found on the first batch and
-    # moved to the vmap path (the batch is redone, so nothing is counted twice).
+    # wpe looks up [1, T] positions broadcast over the batch: the hooks tap it with the
+    # positions expanded to the batch (per-example output gradients), so it stays hooked.
     f(_text_batches()[0])
-    assert f.plan.vmapped == ["transformer.wpe.weight"]
+    assert f.plan.vmapped == [] and "transformer.wpe.weight" in f.plan.hooked
     cnn = StridedCNN()
     plan = Featurizer(cnn, cnn.state_dict(), proj_dim=8).plan
     assert plan.vmapped == ["c3.weight", "c3.bias"] and "c2.weight" in plan.hooked
@@ -280,9 +280,13 @@ def test_factored_equals_float64_reference(data, name):
         batches = [(b[0].double(), b[1]) for b in batches]
     sd = model.state_dict()
     k_out, k_in, seed, model_id = 3, 5, 7, 2
+    # The matrix layers' reference below (embeddings and norms: tests/test_hf_families.py).
+    factored = [b.name for b in Featurizer(model, sd, task=task, projection="factored").layout]
+    wrt = [n for n in factored
+           if type(dict(model.named_modules())[n.rsplit(".", 1)[0]]).__name__ in ("Conv1D", "Linear", "Conv2d")]
     got = Featurizer(model, sd, task=task, projection="factored", factored_dims=(k_out, k_in),
-                     seed=seed, model_id=model_id)
-    phi = featurize(model, sd, batches, task=task, projection="factored",
+                     seed=seed, model_id=model_id, grad_wrt=wrt)
+    phi = featurize(model, sd, batches, task=task, projection="factored", grad_wrt=wrt,
                     factored_dims=(k_out, k_in), seed=seed, model_id=model_id).phi
     assert phi.dtype == torch.float64 and phi.shape[1] == got.num_features
     names = [block.name for block in got.layout]
@@ -317,7 +321,7 @@ def test_factored_equals_float64_reference(data, name):
     # The float32 model gives the same features up to float32 rounding.
     model32, batches32, _, _ = _cases(data)[name]
     phi32 = featurize(model32, model32.state_dict(), batches32, task=task, projection="factored",
-                      factored_dims=(k_out, k_in), seed=seed, model_id=model_id).phi
+                      factored_dims=(k_out, k_in), seed=seed, model_id=model_id, grad_wrt=wrt).phi
     assert _rel(phi32, expected) < 1e-5
 
 
@@ -367,11 +371,24 @@ def test_factored_parameter_selection_and_errors(data, caplog):
     with caplog.at_level("WARNING", logger="trak_fast"):
         f = Featurizer(model, sd, task=NextTokenMargin(), projection="factored",
                        factored_dims=(2, 2), seed=11)
-    assert "transformer.wte.weight" not in [b.name for b in f.layout]
-    assert f.num_features == f.layout[-1].stop == 2 * (4 * 4 + 4 * 2)   # 4 Conv1D each, w + b
-    with pytest.raises(ValueError, match=r"no factored form for \['transformer.h.0.ln_1.weight'\]"):
-        Featurizer(model, sd, task=NextTokenMargin(), projection="factored",
-                   grad_wrt=["transformer.h.0.ln_1.weight", "transformer.h.0.mlp.c_fc.weight"])
+    # Every parameter has a factored block: embeddings (tied lm_head included), norms, Conv1D.
+    assert [b.name for b in f.layout] == [n for n, _ in model.named_parameters()]
+    widths = {b.name: b.stop - b.start for b in f.layout}
+    assert widths["transformer.wte.weight"] == widths["transformer.h.0.attn.c_attn.weight"] == 4
+    assert widths["transformer.h.0.ln_1.weight"] == widths["transformer.h.0.ln_1.bias"] == 2
+    assert f.num_features == f.layout[-1].stop == sum(widths.values())
+    assert not caplog.records                     # nothing left out, nothing to warn about
+
+    class Gate(nn.Module):                        # no adapter: no factored form
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(10))
+
+        def forward(self, x):
+            return x * self.scale
+    gated = nn.Sequential(nn.Linear(64, 10), Gate())
+    with pytest.raises(ValueError, match=r"no factored form for \['1.scale'\]"):
+        Featurizer(gated, gated.state_dict(), projection="factored", grad_wrt=["1.scale", "0.weight"])
     with pytest.raises(ValueError, match="needs the hook path"):
         Featurizer(model, sd, task=NextTokenMargin(), projection="factored", gradients="vmap")
     with pytest.raises(ValueError, match="factored_dims must be a pair"):
@@ -490,15 +507,23 @@ def test_gradient_paths_are_reported(data, caplog):
     with caplog.at_level(logging.INFO, logger="trak_fast"):
         feats = featurize(model, model.state_dict(), batches, task=NextTokenMargin(), proj_dim=8)
     names = [n for n, _ in model.named_parameters()]
-    assert sorted(feats.paths["hooks"] + feats.paths["vmap"]) == sorted(names)
-    assert "transformer.wpe.weight" in feats.paths["vmap"]          # the broadcast position table
-    assert "transformer.h.0.attn.c_attn.weight" in feats.paths["hooks"]
-    assert feats.paths["left_out"] == []
-    assert any("per-example gradients: hooks:" in r.getMessage() for r in caplog.records)
-    factored = featurize(model, model.state_dict(), batches, task=NextTokenMargin(),
-                         projection="factored")
-    assert set(factored.paths["left_out"]) >= {"transformer.wte.weight", "transformer.wpe.weight"}
-    assert factored.paths["vmap"] == []
+    assert feats.paths == {"hooks": names, "vmap": [], "left_out": []}    # GPT-2: all by hooks
+    assert any("per-example gradients: hooks: %d parameters (100.0%%)" % len(names)
+               in r.getMessage() for r in caplog.records)
+
+    class Gate(nn.Module):                        # no adapter: vmap, and no factored form
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(10))
+
+        def forward(self, x):
+            return x * self.scale
+    gated = nn.Sequential(nn.Linear(64, 10), Gate())
+    batches = digits.batches(*data[:2])
+    assert featurize(gated, gated.state_dict(), batches, proj_dim=8).paths == {
+        "hooks": ["0.weight", "0.bias"], "vmap": ["1.scale"], "left_out": []}
+    assert featurize(gated, gated.state_dict(), batches, projection="factored").paths == {
+        "hooks": ["0.weight", "0.bias"], "vmap": [], "left_out": ["1.scale"]}
 
 
 def test_vmap_failure_names_the_parameters_and_the_ways_out(data):

@@ -40,8 +40,22 @@ class Bigram(torch.nn.Module):
 
 
 def reference(model, input_ids, attention_mask=None, labels=None):
-    """``(f [B], Q [B])`` by a Python loop over positions, in the model's dtype (float64 here)."""
-    out = model(input_ids) if attention_mask is None else model(input_ids, attention_mask=attention_mask)
+    """``(f [B], Q [B])`` by a Python loop over positions, in the model's dtype (float64 here).
+
+    A GPT-2 given a mask gets position ids that count each row's real tokens from 0 (the
+    task's documented call), so left padding does not shift them."""
+    if attention_mask is None:
+        out = model(input_ids)
+    elif isinstance(model, GPT2LMHeadModel):
+        positions = torch.zeros_like(input_ids)
+        for b in range(input_ids.shape[0]):
+            seen = 0
+            for t in range(input_ids.shape[1]):
+                positions[b, t] = max(seen - 1, 0) if not attention_mask[b, t] else seen
+                seen += int(attention_mask[b, t])
+        out = model(input_ids, attention_mask=attention_mask, position_ids=positions)
+    else:
+        out = model(input_ids, attention_mask=attention_mask)
     logits = out if isinstance(out, torch.Tensor) else out.logits
     labels = input_ids if labels is None else labels
     fs, qs = [], []

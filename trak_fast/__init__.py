@@ -54,14 +54,14 @@ MOVED = {
 
 
 class _MovedModules:
-    """Finds ``trak_fast.<old name>`` and loads the module at its new path under that name too."""
+    """Finds ``trak_fast.<old name>[.<submodule>]`` and gives the module at its new path."""
 
     @staticmethod
     def find_spec(fullname, path=None, target=None):
-        prefix, _, old = fullname.partition(".")
-        if prefix != __name__ or old not in MOVED:
+        parts = fullname.split(".")
+        if len(parts) < 2 or parts[0] != __name__ or parts[1] not in MOVED:
             return None
-        module = importlib.import_module(f"{__name__}.{MOVED[old]}")
+        module = importlib.import_module(".".join([__name__, MOVED[parts[1]]] + parts[2:]))
         sys.modules[fullname] = module
         return importlib.util.spec_from_loader(fullname, _AliasLoader(module))
 
@@ -87,7 +87,7 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
 
-sys.meta_path.append(_MovedModules)
+sys.meta_path.insert(0, _MovedModules)   # before the path finder: no second copy of a module
 sys.modules[__name__].__class__ = _Package
 
 

@@ -144,8 +144,11 @@ def check_same_shapes(batch: Batch, previous: Optional[List[Tuple[int, ...]]], w
 
     Catches a loader whose examples change shape (e.g. a wrong transform) before the model
     fails on it with an unrelated message. Tasks with variable-length inputs (padded text)
-    set ``Task.fixed_shapes = False`` to skip the check.
+    set ``Task.fixed_shapes = False`` to skip the check, and dict batches (Hugging Face's
+    ``{input_ids, attention_mask, ...}``, padded per batch) are exempt.
     """
+    if isinstance(batch, Mapping):
+        return previous
     shapes = [tuple(t.shape[1:]) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
     if previous is not None and shapes != previous:
         raise ValueError(f"{where}: per-example shapes {shapes} differ from those of the first "

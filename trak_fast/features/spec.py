@@ -14,7 +14,7 @@ import torch
 
 from ..settings import FeatureSettings
 from .gradients import plan_gradients
-from .gradients.factored import factored_layout
+from .gradients.factored import factored_layout, factored_widths
 from .layout import FeatureBlock, layer_blocks, parameter_layout, per_layer_dims
 from .model import grad_param_names
 from .tasks import Task
@@ -46,7 +46,8 @@ class FeatureSpec:
         self.num_grad_params = sum(self.sizes[n] for n in self.grad_names)
         if projection == "factored":
             self.proj_dim = None
-            self.layout = factored_layout(self.grad_names, self.plan.roles, self.factored_dims)
+            self.layout = factored_layout(self.grad_names, self.plan.roles, self.factored_dims,
+                                          factored_widths(self.plan.modules, self.factored_dims))
         else:
             self.proj_dim = settings.proj_dim
             self.layout = parameter_layout(self.grad_names, [self.sizes[n] for n in self.grad_names])

@@ -12,23 +12,28 @@ logits)``; for cross-entropy the loss is ``log(1 + exp(-f))``, so ``Q = 1 - p_y`
 :class:`LanguageModelingTask` sums that margin over a sequence's predicted tokens and
 averages ``1 - p_t`` over them (``task="language_modeling"``).
 
-Writing your own task means subclassing :class:`Task`. ``output`` sees **one** example (the
-batch dimension removed, as ``torch.func.vmap`` hands it over) and a ``model`` callable that
-runs the checkpoint on a **batch**; ``out_to_loss`` sees a whole batch. Batches can be any
-pytree of tensors (tuples, dicts), e.g. a text model's ``{"input_ids": ..., "labels": ...}``::
+Writing your own task means subclassing :class:`Task` and defining ``out_to_loss`` and
+either ``outputs`` (preferred) or ``output``. ``outputs`` sees a whole **batch** and returns
+``[f(z_1), ..., f(z_B)]`` from one forward pass, example ``b``'s value depending on example
+``b`` only; every gradient path can use it (the vmap path through a batch of one). ``output``
+sees **one** example (the batch dimension removed, as ``torch.func.vmap`` hands it over) and
+serves the vmap path only. The ``model`` callable runs the checkpoint on a **batch**;
+``out_to_loss`` sees a whole batch and runs without gradients (never measured, so it may call
+the model in any way). Batches can be any pytree of tensors (tuples, dicts), e.g. a text
+model's ``{"input_ids": ..., "labels": ...}``::
 
-    class NextTokenMargin(Task):
-        def output(self, model, example):
-            logits = model(input_ids=example["input_ids"][None])[0, -1]   # [vocab]
-            return margin(logits, example["labels"])                       # 0-d
+    class LastTokenMargin(Task):
+        def outputs(self, model, batch):
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]   # [B, vocab]
+            return batched_margin(logits, batch["labels"])               # [B]
         def out_to_loss(self, model, batch):
-            logits = model(input_ids=batch["input_ids"])[:, -1]
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]
             return 1 - logits.softmax(-1).gather(1, batch["labels"][:, None])[:, 0]
 """
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, Mapping, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -53,8 +58,10 @@ def batch_size_of(batch: Any, where: str) -> int:
 class Task(abc.ABC):
     """A model-output function ``f(z; theta)`` and its out-to-loss weight ``Q``.
 
-    Subclasses implement :meth:`output` and :meth:`out_to_loss`; they may extend
-    :meth:`check_batch` to validate batches with a clear message before any work is done.
+    Subclasses implement :meth:`out_to_loss` and at least one of :meth:`outputs` (batched,
+    preferred: every gradient path can use it) and :meth:`output` (one example, under
+    ``torch.func.vmap``); each defaults to the other. They may extend :meth:`check_batch` to
+    validate batches with a clear message before any work is done.
     """
 
     #: Recorded in stores, so that reopening one with a different task fails loudly.
@@ -63,34 +70,64 @@ class Task(abc.ABC):
     #: Set False for variable-length inputs such as dynamically padded text.
     fixed_shapes: bool = True
 
-    @abc.abstractmethod
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if _definer(cls, "output") is Task and _definer(cls, "outputs") is Task:
+            raise TypeError(
+                f"task class {cls.__name__} must define outputs(self, model, batch) -> [B] "
+                "(one batched forward pass; preferred) or output(self, model, example) -> 0-d "
+                "(one example, run under torch.func.vmap); it defines neither")
+        return super().__new__(cls)
+
     def output(self, model: ModelFn, example: Any) -> torch.Tensor:
         """``f(z; theta)`` for one example, a 0-d tensor.
 
         ``example`` is one element of a batch (the batch dimension removed); ``model(*args,
         **kwargs)`` runs the checkpoint on a batch, so add a batch dimension of 1 yourself.
         Called under ``torch.func.vmap`` and ``grad``: no Python branching on tensor values.
+
+        Default: :meth:`outputs` of a batch of one (every tensor of ``example`` given a batch
+        dimension of 1), so a task that defines only ``outputs`` also works on the vmap path,
+        provided ``outputs`` can run under ``vmap`` (no ``.item()``, ``int()``, ``bool()`` of
+        tensor values).
         """
+        if _definer(type(self), "outputs") is Task:     # unreachable: __new__ refuses it
+            raise NotImplementedError(f"task {self.name!r} defines neither output nor outputs")
+        one = pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, example)
+        f = self.outputs(model, one)
+        if not isinstance(f, torch.Tensor) or f.numel() != 1:
+            raise ValueError(f"task {self.name!r}: outputs() of a batch of one example must "
+                             f"return shape [1], got "
+                             f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+        return f.reshape(())
 
     @abc.abstractmethod
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
-        """``Q_i = -d loss / d f`` at each example of the batch, shape ``[B]`` (no gradient)."""
+        """``Q_i = -d loss / d f`` at each example of the batch, shape ``[B]`` (no gradient).
+
+        Never measured: the gradient paths run it under ``torch.no_grad()`` (the hooks ignore
+        such forward passes), so it may call the model in any way."""
 
     def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
         """``[f(z_1), ..., f(z_B)]`` for a whole batch in one forward pass, shape ``[B]``.
 
-        Optional. The hook-based gradient path (``gradients="hooks"``) differentiates
-        ``sum_b f(z_b)`` in one ordinary batched backward pass, so it needs this batched
-        form; example ``b``'s output must depend on example ``b`` only. A task that does not
-        define it keeps the ``torch.func.vmap`` path of :meth:`output`.
+        The hook-based gradient path (``gradients="hooks"``, and ``"auto"`` when available)
+        differentiates ``sum_b f(z_b)`` in one ordinary batched backward pass; example ``b``'s
+        output must depend on example ``b`` only. A task that does not define it (only
+        :meth:`output`) keeps the ``torch.func.vmap`` path: the default stacks
+        :meth:`output` over the batch under ``vmap``.
         """
-        raise NotImplementedError(f"task {self.name!r} defines no batched outputs()")
+        if _definer(type(self), "output") is Task:      # unreachable: __new__ refuses it
+            raise NotImplementedError(f"task {self.name!r} defines neither output nor outputs")
+        return torch.func.vmap(lambda example: self.output(model, example),
+                               randomness="error")(batch)
 
     def outputs_and_out_to_loss(self, model: ModelFn, batch: Any
                                 ) -> "tuple[torch.Tensor, torch.Tensor]":
         """``(f [B], Q [B])``; built-in tasks share one forward pass between the two.
 
-        ``f`` keeps its graph (it is differentiated); ``Q`` is detached.
+        ``f`` keeps its graph (it is differentiated); ``Q`` is detached. Here ``Q`` comes from
+        :meth:`out_to_loss` under ``torch.no_grad()``: a separate forward pass, which the
+        hooks that measure the model ignore.
         """
         f = self.outputs(model, batch)
         with torch.no_grad():
@@ -99,15 +136,31 @@ class Task(abc.ABC):
 
     @property
     def has_batched_outputs(self) -> bool:
-        """Whether :meth:`outputs` is this task's own (the hook path needs it).
+        """Whether :meth:`outputs` computes this task's ``f`` (the hook path needs it).
 
-        A subclass that overrides :meth:`output` but inherits ``outputs`` from its parent
-        (say, a custom task derived from :class:`ClassificationTask`) would differentiate the
-        parent's function on the hook path; such a task keeps the vmap path.
+        True when the task defines ``outputs`` itself, in the class that defines ``output``
+        or below it (``output`` may then be the default, derived from ``outputs``). A
+        subclass that overrides :meth:`output` but inherits ``outputs`` from its parent (say,
+        a custom task derived from :class:`ClassificationTask`) would differentiate the
+        parent's function on the hook path: it keeps the vmap path (see
+        :meth:`batched_outputs_problem`).
         """
+        return self.batched_outputs_problem() is None
+
+    def batched_outputs_problem(self) -> Optional[str]:
+        """``None`` if :meth:`outputs` computes this task's ``f``, else why not (a sentence
+        for error messages that ask for the batched form)."""
         cls = type(self)
-        return _definer(cls, "outputs") is not Task and \
-            issubclass(_definer(cls, "outputs"), _definer(cls, "output"))
+        outputs_in, output_in = _definer(cls, "outputs"), _definer(cls, "output")
+        if outputs_in is Task:
+            return (f"task {self.name!r} ({cls.__name__}) defines only output(model, example); "
+                    "define outputs(model, batch) -> [B] as well")
+        if not issubclass(outputs_in, output_in):
+            return (f"task {self.name!r} ({cls.__name__}) overrides output() in "
+                    f"{output_in.__name__} but inherits outputs() from {outputs_in.__name__}, "
+                    f"which may compute another f; define outputs(model, batch) in "
+                    f"{output_in.__name__} too")
+        return None
 
     def batched_outputs_and_out_to_loss(self, model: ModelFn, batch: Any):
         """:meth:`outputs_and_out_to_loss` when it is as recent as ``outputs`` and
@@ -122,6 +175,9 @@ class Task(abc.ABC):
     def check_batch(self, batch: Any, where: str) -> int:
         """Validates one batch and returns its size. ``where`` names it in error messages."""
         return batch_size_of(batch, where)
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _definer(cls: type, attribute: str) -> type:
@@ -145,32 +201,63 @@ def _batched_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return correct - torch.logsumexp(others, dim=-1)
 
 
+def _logits_of(out: Any, what: str) -> torch.Tensor:
+    """The logits tensor of a model's output: the tensor itself or its ``.logits`` (Hugging
+    Face ``ModelOutput``)."""
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the {what} task needs the model to return a logits tensor or an "
+                        f"object with .logits (Hugging Face models), got {type(out).__name__}")
+    return logits
+
+
 class ClassificationTask(Task):
-    """Multiclass classification from ``(inputs, labels)`` batches and a model giving logits.
+    """Multiclass classification: a model giving logits ``[B, C]`` and integer labels.
 
     ``f = logit_y - logsumexp_{c != y} logit_c`` (the margin) and ``Q = 1 - softmax(logits)_y``,
-    MadryLab trak's ``image_classification`` task. ``inputs`` is a tensor ``[B, ...]``;
-    ``labels`` int64 ``[B]`` in ``[0, C)`` where ``C`` is the number of logits.
+    MadryLab trak's ``image_classification`` task.
+
+    Batches are either
+
+    - tuples ``(inputs, labels)``: the model is called as ``model(inputs)``, ``inputs`` a
+      tensor ``[B, ...]``; or
+    - dicts (Hugging Face style) with ``"labels"``: the model is called with every other entry
+      as a keyword argument, e.g. ``model(input_ids=..., attention_mask=...,
+      token_type_ids=...)`` for ``{"input_ids", "attention_mask", "token_type_ids",
+      "labels"}``. The labels are not passed (the model does not compute its own loss).
+
+    ``labels`` are int ``[B]`` in ``[0, C)``. The model returns logits ``[B, C]`` or an object
+    with ``.logits`` (``SequenceClassifierOutput``).
     """
 
     name = "classification"
 
+    @staticmethod
+    def _split(batch: Any) -> "tuple[Callable[[ModelFn], Any], torch.Tensor]":
+        """``(call, labels)``: ``call(model)`` runs the model on the batch's inputs."""
+        if isinstance(batch, Mapping):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            return (lambda model: model(**inputs)), batch["labels"]
+        inputs, labels = batch
+        return (lambda model: model(inputs)), labels
+
     def output(self, model: ModelFn, example: Any) -> torch.Tensor:
-        inputs, label = example
-        logits = model(inputs.unsqueeze(0))[0]
-        return _margin(logits, label)
+        one = pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, example)
+        call, label = self._split(one)
+        logits = _logits_of(call(model), "classification")
+        return _margin(logits[0], label[0])
 
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
-        inputs, labels = batch
-        return self._q(self._logits(model, inputs, labels), labels)
+        _, labels = self._split(batch)
+        return self._q(self._logits(model, batch), labels)
 
     def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
-        inputs, labels = batch
-        return _batched_margin(self._logits(model, inputs, labels), labels)
+        _, labels = self._split(batch)
+        return _batched_margin(self._logits(model, batch), labels)
 
     def outputs_and_out_to_loss(self, model: ModelFn, batch: Any):
-        inputs, labels = batch
-        logits = self._logits(model, inputs, labels)
+        _, labels = self._split(batch)
+        logits = self._logits(model, batch)
         return _batched_margin(logits, labels), self._q(logits.detach(), labels)
 
     @staticmethod
@@ -178,9 +265,10 @@ class ClassificationTask(Task):
         p = torch.softmax(logits.float(), dim=1).gather(1, labels[:, None].long())[:, 0]
         return 1.0 - p
 
-    @staticmethod
-    def _logits(model: ModelFn, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs)
+    @classmethod
+    def _logits(cls, model: ModelFn, batch: Any) -> torch.Tensor:
+        call, labels = cls._split(batch)
+        logits = _logits_of(call(model), "classification")
         if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"the classification task needs the model to return logits [B, C] = "
@@ -196,18 +284,32 @@ class ClassificationTask(Task):
         return logits
 
     def check_batch(self, batch: Any, where: str) -> int:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        if isinstance(batch, Mapping):
+            if "labels" not in batch:
+                raise ValueError(f"{where}: the classification task needs 'labels' in a dict "
+                                 f"batch (the other entries are passed to the model as keyword "
+                                 f"arguments), got keys {sorted(batch)}")
+            if len(batch) < 2:
+                raise ValueError(f"{where}: a dict batch needs model inputs besides 'labels' "
+                                 f"(e.g. 'input_ids'), got keys {sorted(batch)}")
+            for key, value in batch.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{where}: every entry of a dict batch must be a tensor, "
+                                    f"got {type(value).__name__} for {key!r}")
+            labels = batch["labels"]
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            inputs, labels = batch
+            if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+                raise TypeError(f"{where}: inputs and labels must be tensors, got "
+                                f"{type(inputs).__name__} and {type(labels).__name__}")
+        else:
             raise TypeError(
-                f"{where}: the classification task expects (inputs, labels) batches, "
-                f"got {type(batch).__name__}"
+                f"{where}: the classification task expects (inputs, labels) batches, got "
+                f"{type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                + " (or dict batches: 'labels' and the model's keyword inputs)"
             )
-        inputs, labels = batch
-        if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise TypeError(f"{where}: inputs and labels must be tensors, got "
-                            f"{type(inputs).__name__} and {type(labels).__name__}")
-        if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                     torch.int8, torch.uint8):
+        if labels.dim() != 1 or labels.dtype not in _INTEGER_DTYPES:
             raise ValueError(f"{where}: labels must be a 1-D integer tensor [B], got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
         return batch_size_of(batch, where)
@@ -248,18 +350,34 @@ class RegressionTask(Task):
 #: Label value of a position that is not predicted (Hugging Face's ``ignore_index``).
 IGNORE_INDEX = -100
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` (int64) from an attention mask: ``max(cumsum(mask) - 1, 0)``.
+
+    Real tokens are numbered 0, 1, ... in order whichever side the padding is on (as Hugging
+    Face's ``generate`` does); padding gets the neighbouring real token's position or 0 (its
+    value matters to nothing: padding is masked out)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class LanguageModelingTask(Task):
     r"""Next-token prediction with a causal language model (GPT-2 and the like).
 
     **Batches** are dicts ``{"input_ids": [B, T], "attention_mask": [B, T] (optional),
-    "labels": [B, T] (optional)}`` of integer tensors (the mask may be bool). Labels follow
-    Hugging Face's convention: they are aligned with ``input_ids`` and the model's logits at
-    position ``t`` predict ``labels[t + 1]``; without ``labels`` they are ``input_ids``. The
-    model is called as ``model(input_ids)`` or ``model(input_ids, attention_mask=mask)`` and
-    must return logits ``[B, T, V]`` or an object with ``.logits`` (Hugging Face models).
+    "labels": [B, T] (optional), "position_ids": [B, T] (optional)}`` of integer tensors (the
+    mask may be bool), padded on the right or on the left. Labels follow Hugging Face's
+    convention: they are aligned with ``input_ids``, the model's logits at position ``t``
+    predict ``labels[t + 1]``, and ``-100`` marks a position not to attribute; without
+    ``labels`` they are ``input_ids``.
+
+    **The model call.** Without a mask: ``model(input_ids)``. With a mask:
+    ``model(input_ids, attention_mask=mask, position_ids=positions)`` where ``positions =
+    max(cumsum(mask) - 1, 0)`` counts each sequence's real tokens from 0 (or the batch's own
+    ``position_ids``), so that a sequence's real tokens get the positions they have unpadded,
+    whichever side the padding is on and however much of it the batch needs. A model whose
+    forward takes no ``position_ids`` (``TypeError`` naming it) is called without them: its
+    positions, if any, are its own. The model returns logits ``[B, T, V]`` or an object with
+    ``.logits`` (Hugging Face models).
 
     **Predicted tokens.** For a sequence ``z`` with labels ``y`` and mask ``a``, position ``t``
     predicts ``y_{t+1}`` when ``y_{t+1} != -100`` and ``a_t = a_{t+1} = 1``; call that set
@@ -295,16 +413,21 @@ class LanguageModelingTask(Task):
       ``f = mean_t m_t`` with ``Q = sum_t (1 - p_t)`` gives the same train rows' ``Q grad f``
       but would shrink long sequences in the kernel and in the targets' features.
 
+    **The exact per-token weights**, for reference: ``-grad L(z) = sum_{t in S(z)} (1 - p_t)
+    grad m_t``, each token's margin gradient weighted by its own ``1 - p_t``; TRAK's
+    ``Q(z) grad f(z)`` above replaces those weights by their mean over ``S(z)``.
+
     ``f`` is a function of the example alone (no batch statistics), so example ``b``'s
     outputs depend on example ``b`` only. Padding changes nothing as long as the model gives
-    real tokens the same logits with and without the padding: true for right padding with an
-    attention mask. With left padding, the model must take its position ids from the mask.
+    real tokens the same logits with and without the padding: true with an attention mask
+    and the position ids above, on either side (for a model that takes position ids; one that
+    does not must derive its positions from the mask itself for left padding).
 
-    Parameters differentiated through ``torch.func.vmap`` (embeddings and norms under
-    ``gradients="auto"``, all under ``"vmap"``) need a Hugging Face model given an attention
-    mask to use eager attention (``GPT2Config(attn_implementation="eager")``): its SDPA mask
-    builder branches on the mask's values, which ``vmap`` cannot trace. The hook path calls
-    :meth:`outputs` on the whole batch and does not care.
+    Parameters differentiated through ``torch.func.vmap`` (``gradients="vmap"``, or layers
+    the hooks do not support) need a Hugging Face model given an attention mask to use eager
+    attention (``GPT2Config(attn_implementation="eager")``): its SDPA mask builder branches on
+    the mask's values, which ``vmap`` cannot trace. The hook path calls :meth:`outputs` on the
+    whole batch and does not care.
     """
 
     name = "language_modeling"
@@ -338,7 +461,18 @@ class LanguageModelingTask(Task):
     def _logits(model: ModelFn, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        out = model(input_ids) if mask is None else model(input_ids, attention_mask=mask)
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        if "position_ids" in batch:
+            out = model(input_ids, position_ids=batch["position_ids"], **kwargs)
+        elif mask is None:
+            out = model(input_ids)
+        else:
+            try:
+                out = model(input_ids, position_ids=positions_from_mask(mask), **kwargs)
+            except TypeError as exc:       # a forward without position_ids: its own positions
+                if "unexpected keyword argument 'position_ids'" not in str(exc):
+                    raise
+                out = model(input_ids, **kwargs)
         logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"the language-modeling task needs the model to return logits "
@@ -387,12 +521,14 @@ class LanguageModelingTask(Task):
         if "input_ids" not in batch:
             raise ValueError(f"{where}: the language-modeling task needs 'input_ids' in the "
                              f"batch, got keys {sorted(batch)}")
-        unknown = sorted(set(batch) - {"input_ids", "attention_mask", "labels"})
+        unknown = sorted(set(batch) - {"input_ids", "attention_mask", "labels", "position_ids"})
         if unknown:
             raise ValueError(f"{where}: unexpected keys {unknown}; the language-modeling task "
-                             "reads only 'input_ids', 'attention_mask' and 'labels'")
+                             "reads only 'input_ids', 'attention_mask', 'labels' and "
+                             "'position_ids'")
         input_ids = batch["input_ids"]
-        for key in [key for key in ("input_ids", "attention_mask", "labels") if key in batch]:
+        for key in [key for key in ("input_ids", "attention_mask", "labels", "position_ids")
+                    if key in batch]:
             value = batch[key]
             allowed = _INTEGER_DTYPES + ((torch.bool,) if key == "attention_mask" else ())
             if not isinstance(value, torch.Tensor) or value.dtype not in allowed:

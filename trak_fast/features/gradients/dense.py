@@ -3,9 +3,9 @@
 In the backward pass of :func:`~.hooks.tapped`, each tracked layer hands over its input ``a``
 and output gradient ``delta``; its adapter (:mod:`.layers`) turns them into per-example weight
 and bias gradients, which go to the :class:`~.writer.FeatureWriter` one slice of the batch at a
-time, each slice within ``grad_memory`` bytes. An adapter with a cheaper exact form of the
-projection (an embedding's gradient has nonzero rows only at the example's ids) provides it
-in :meth:`~.layers.LayerAdapter.project_dense`.
+time, each slice within ``grad_memory`` bytes. With one dense P, a weight goes through its
+adapter's :meth:`~.layers.LayerAdapter.project_weight`, which may have a cheaper exact form (an
+embedding's gradient has nonzero rows only at the example's ids).
 """
 from __future__ import annotations
 
@@ -26,11 +26,14 @@ def dense_tap(tracked: TrackedModule, writer: FeatureWriter, phi: torch.Tensor, 
 
     def on_grad(inputs: torch.Tensor, grad: torch.Tensor) -> None:
         for role, name in tracked.params:
-            if adapter.project_dense(role, inputs, grad, name, writer, phi):
-                continue
             rows = max(1, min(batch_size, budget // writer.sizes[name]))
             for start in range(0, batch_size, rows):
                 stop = min(batch_size, start + rows)
+                if role == "weight" and writer.dense:   # the adapter may have a cheaper form
+                    def project(values, offset, start=start, stop=stop, name=name):
+                        writer.add_rows(values.to(phi.dtype), name, offset, phi[start:stop])
+                    adapter.project_weight(inputs[start:stop], grad[start:stop], project)
+                    continue
                 g = (adapter.weight_grad(inputs[start:stop], grad[start:stop])
                      if role == "weight" else adapter.bias_grad(grad[start:stop]))
                 writer.add(g, name, phi, start, stop)

@@ -104,10 +104,26 @@ def tapped(taps: List[LayerTap], device: torch.device, batch_size: int
 
     The hooks are removed on exit, exceptions included; the modules are otherwise untouched.
     Differentiate a function of the model's outputs with respect to the anchor (see
-    :func:`backward_through_taps`) to run the callbacks. A module called on something that is
-    not the batch (GPT-2's position embedding looks up ``[1, T]`` positions and broadcasts
-    them over the batch, so its output gradient is a sum over examples) is not tapped and is
-    appended to ``skipped``: its parameters need the vmap path.
+    :func:`backward_through_taps`) to run the callbacks.
+
+    Which calls are measured:
+
+    - only calls made with gradients enabled: a forward under ``torch.no_grad()`` (the
+      task's ``out_to_loss``, which :meth:`~trak_fast.Task.outputs_and_out_to_loss` runs so)
+      is not part of ``f`` and is ignored, however it calls the model;
+    - a call on the batch (input and output with ``batch_size`` rows in dimension 0, input of
+      at least 2 dimensions) is tapped as it is;
+    - a call on an input **shared by the batch**, one row where the batch has ``B > 1``
+      (GPT-2's ``wpe`` and BERT's position table look up ``[1, T]`` positions; their output
+      ``[1, T, d]`` is added to the batch's ``[B, T, d]`` by broadcasting), is tapped with its
+      input and output expanded to ``B`` rows. The model then receives the expanded output,
+      which it combines with the batch as it would the broadcast one, and the tap receives the
+      per-example output gradients ``[B, T, d]`` instead of their sum over the batch: exact
+      per-example gradients, as long as the model uses that output by broadcasting it against
+      the batch (elementwise with ``[B, ...]`` tensors; not e.g. ``out[0]``);
+    - any other call (an input with another first dimension, or of fewer than 2 dimensions,
+      where one row per example cannot be told from a sequence) is not tapped, and the module
+      is appended to ``skipped``: its parameters need the vmap path.
     """
     anchor = torch.zeros((), device=device, requires_grad=True)
     handles = []
@@ -115,11 +131,19 @@ def tapped(taps: List[LayerTap], device: torch.device, batch_size: int
 
     def make_hook(tap: LayerTap):
         def hook(module, args, kwargs, output):
+            if not torch.is_grad_enabled():
+                return None              # not part of the differentiated function
             inputs = args[0] if args else next(iter(kwargs.values()))
             if not isinstance(output, torch.Tensor) or not isinstance(inputs, torch.Tensor):
                 raise TypeError(f"hooked {type(module).__name__} returned or received a "
                                 f"non-tensor; cannot take per-example gradients from it")
-            if inputs.dim() < 2 or inputs.shape[0] != batch_size or output.shape[0] != batch_size:
+            shared = (batch_size > 1 and inputs.dim() >= 2 and output.dim() >= 1
+                      and inputs.shape[0] == 1 and output.shape[0] == 1)
+            if shared:
+                inputs = inputs.expand(batch_size, *inputs.shape[1:])
+                output = output.expand(batch_size, *output.shape[1:])
+            elif inputs.dim() < 2 or inputs.shape[0] != batch_size or \
+                    output.shape[0] != batch_size:
                 if all(m is not module for m in skipped):
                     skipped.append(module)
                 return None

@@ -66,12 +66,12 @@ def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradi
     batched = task.has_batched_outputs
     if projection == "factored":
         if not batched:
-            raise ValueError(f"projection='factored' needs a task with a batched outputs() "
-                             f"method; task {task.name!r} defines only output()")
+            raise ValueError("projection='factored' needs a task with a batched outputs() "
+                             f"method: {task.batched_outputs_problem()}")
     if gradients == "hooks" and not batched:
-        raise ValueError(f"gradients='hooks' needs a task with a batched outputs(model, batch) "
-                         f"-> [B] method; task {task.name!r} defines only output(). Define "
-                         "outputs() or use gradients='auto' (vmap for this task)")
+        raise ValueError("gradients='hooks' needs a task with a batched outputs(model, batch) "
+                         f"-> [B] method: {task.batched_outputs_problem()} (or use "
+                         "gradients='auto': vmap for this task)")
     use_hooks = gradients == "hooks" or (gradients == "auto" and batched)
     hookable = hookable_parameters(model) if use_hooks else {}
     left_out: List[str] = []
@@ -108,7 +108,7 @@ def plan_gradients(model: torch.nn.Module, grad_names: List[str], *, task, gradi
                 key = canonical[id(use.module.weight)]
                 entry = TrackedModule(use.module, adapter, [], key)
                 modules[id(use.module)] = entry
-                dims[key] = (adapter.d_out, adapter.d_in)
+                dims[key] = adapter.factored_dims
             entry.params.append((use.role, name))
     uses = {name: max(1, len(u)) for name, u in parameter_uses(model).items()}
     return GradientPlan(hooked, vmapped, list(modules.values()), roles, dims, uses, left_out)
@@ -119,8 +119,8 @@ def _factorable(hookable: Dict[str, List[Use]]) -> Dict[str, List[Use]]:
     keep = {}
     for name, uses in hookable.items():
         adapters = [adapter_for(u.module) for u in uses]
-        shapes = {(a.d_out, a.d_in) for a in adapters}
-        if len(shapes) == 1 and all(a.factored for a in adapters):
+        shapes = {a.factored_dims for a in adapters}
+        if len(shapes) == 1:
             keep[name] = uses
     return keep
 
