@@ -79,8 +79,15 @@ def test_settings_are_validated_once_and_frozen():
 
 
 def test_old_module_paths_still_import():
+    import sys
+    before = dict(sys.modules)
     for old, new in trak_fast.MOVED.items():
         assert importlib.import_module(f"trak_fast.{old}") is importlib.import_module(f"trak_fast.{new}")
+    # No second copy of any module was made (its classes would differ from the package's).
+    assert all(sys.modules[name] is module for name, module in before.items())
+    import trak_fast.gradients.factored as old_path
+    import trak_fast.features.gradients.factored as new_path
+    assert old_path is new_path
     from trak_fast.featurize import Featurizer    # the 0.1 spelling
     assert Featurizer is trak_fast.Featurizer
     # The functions keep their names although modules of the same names were imported.

@@ -62,19 +62,20 @@ class _MovedModules:
         if len(parts) < 2 or parts[0] != __name__ or parts[1] not in MOVED:
             return None
         module = importlib.import_module(".".join([__name__, MOVED[parts[1]]] + parts[2:]))
-        sys.modules[fullname] = module
         return importlib.util.spec_from_loader(fullname, _AliasLoader(module))
 
 
 class _AliasLoader:
+    """Hands the import system the module itself (not a second copy of its file)."""
+
     def __init__(self, module):
-        self.module = module
+        self.module, self.spec = module, module.__spec__
 
     def create_module(self, spec):
         return self.module
 
     def exec_module(self, module):
-        pass
+        module.__spec__ = self.spec      # the import system set it to the alias's spec
 
 
 class _Package(types.ModuleType):
