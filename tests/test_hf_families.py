@@ -16,6 +16,7 @@ Two levels:
 - end to end through :func:`trak_fast.featurize` (``proj_dim=None`` and
   ``projection="factored"``), through the strategies (dense hooks, factored).
 """
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -640,3 +641,29 @@ def test_featurize_float32_models(family):
     phi = trak_fast.featurize(single, single.state_dict(), [batch], task=task, proj_dim=None).phi
     assert phi.dtype == torch.float32
     assert gram_error(phi.double(), expected) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_attribute_and_trak_run_at_defaults_and_agree(family, tmp_path):
+    """Default settings (dense k, sdpa attention, float32), padded dict batches: attribute() and
+    the TRAK store loop run with every parameter by hooks and give the same scores."""
+    cls, config = _config(family)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    task = "classification" if family == "bert" else "language_modeling"
+    train = [cls_batch("right")[0] if family == "bert" else lm_batch("right")[0],
+             cls_batch("left")[0] if family == "bert" else lm_batch("left")[0]]
+    targets = [train[0]]
+    ckpt = model.state_dict()
+    scores = trak_fast.attribute(model, [ckpt], train, targets, task=task, proj_dim=64,
+                                 progress=False)
+    assert scores.shape == (8, 4) and torch.isfinite(scores).all() and scores.abs().sum() > 0
+    trak = trak_fast.TRAK(tmp_path, model, train_size=8, task=task, proj_dim=64, progress=False)
+    trak.featurize(ckpt, train, model_id=0)
+    trak.finalize()
+    trak.featurize_targets("q", ckpt, targets, model_id=0)
+    torch.testing.assert_close(torch.from_numpy(np.array(trak.score("q"))), scores,
+                               rtol=1e-4, atol=1e-6)
+    paths = trak.status()["models"]["0"]["gradient_paths"]
+    assert paths["vmap"] == [] and paths["left_out"] == []
+    assert len(paths["hooks"]) == len(list(model.named_parameters()))

@@ -249,15 +249,15 @@ class ClassificationTask(Task):
 
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
         _, labels = self._split(batch)
-        return self._q(self._logits(model, batch), labels)
+        return self._q(self.logits(model, batch), labels)
 
     def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
         _, labels = self._split(batch)
-        return _batched_margin(self._logits(model, batch), labels)
+        return _batched_margin(self.logits(model, batch), labels)
 
     def outputs_and_out_to_loss(self, model: ModelFn, batch: Any):
         _, labels = self._split(batch)
-        logits = self._logits(model, batch)
+        logits = self.logits(model, batch)
         return _batched_margin(logits, labels), self._q(logits.detach(), labels)
 
     @staticmethod
@@ -266,7 +266,8 @@ class ClassificationTask(Task):
         return 1.0 - p
 
     @classmethod
-    def _logits(cls, model: ModelFn, batch: Any) -> torch.Tensor:
+    def logits(cls, model: ModelFn, batch: Any) -> torch.Tensor:
+        """``[B, C]``: the model's logits on the batch's inputs, checked against its labels."""
         call, labels = cls._split(batch)
         logits = _logits_of(call(model), "classification")
         if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:

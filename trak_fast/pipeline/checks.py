@@ -156,7 +156,7 @@ def check_first_batch(model: torch.nn.Module, run: Callable[..., Any], task: Tas
         try:
             q = task.out_to_loss(run, batch)
             if isinstance(task, ClassificationTask):
-                classes = int(run(batch[0]).shape[-1])
+                classes = int(task.logits(run, batch).shape[-1])
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{where}: {exc}") from exc
         except RuntimeError as exc:
@@ -171,7 +171,8 @@ def check_first_batch(model: torch.nn.Module, run: Callable[..., Any], task: Tas
 def check_all_labels(loader: Iterable[Batch], classes: int, what: str) -> None:
     """Labels in ``[0, classes)`` for every batch already in memory (see the module docstring)."""
     if isinstance(loader, (list, tuple)):
-        labeled = [(f"{what} batch {i}", batch[1]) for i, batch in enumerate(loader)]
+        labeled = [(f"{what} batch {i}", batch["labels"] if isinstance(batch, Mapping) else batch[1])
+                   for i, batch in enumerate(loader)]
     elif isinstance(loader, torch.utils.data.DataLoader) and \
             isinstance(loader.dataset, torch.utils.data.TensorDataset) and \
             len(loader.dataset.tensors) == 2:
