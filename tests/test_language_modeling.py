@@ -330,3 +330,33 @@ def test_hook_path_matches_vmap_and_ignores_padding(projection, batch):
     padded = trak_fast.featurize(model, model.state_dict(), [wider], gradients="hooks", **kwargs)
     torch.testing.assert_close(padded.phi, hooks.phi, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(padded.out_to_loss, hooks.out_to_loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_margin_equals_the_whole_vocabulary_form(dtype, monkeypatch):
+    """FusedMargin (row blocks) against the masked-logsumexp formula, values and gradients; the
+    block size is forced small so several blocks run."""
+    from trak_fast.features.tasks.language_modeling import FusedMargin
+    monkeypatch.setattr(FusedMargin, "BLOCK_ELEMENTS", 3 * 37)
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(11, 37, generator=g, dtype=torch.float64)).to(dtype)
+    logits[3, 5] = 40.0                      # a label with p close to 1
+    target = torch.randint(0, 37, (11,), generator=g)
+    target[3] = 5
+    leaf = logits.clone().requires_grad_(True)
+    margin, p = FusedMargin.apply(leaf, target)
+    ref_leaf = logits.clone().requires_grad_(True)
+    is_label = torch.arange(37) == target[:, None]
+    correct = ref_leaf.gather(1, target[:, None])[:, 0]
+    ref = correct - torch.logsumexp(ref_leaf.masked_fill(is_label, float("-inf")), dim=1)
+    ref_p = torch.softmax(logits.double(), 1).gather(1, target[:, None])[:, 0]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(margin, ref, **tol)
+    torch.testing.assert_close(p.double(), ref_p, rtol=1e-5, atol=1e-6)   # p is float32, as Q
+    weights = torch.randn(11, generator=g, dtype=torch.float64).to(dtype)
+    (grad,) = torch.autograd.grad((margin * weights).sum(), leaf)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), ref_leaf)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    if dtype == torch.float64:
+        torch.autograd.gradcheck(lambda x: FusedMargin.apply(x, target)[0],
+                                 (logits.clone().requires_grad_(True),))
