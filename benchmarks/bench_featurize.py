@@ -4,10 +4,11 @@ For GPT-2 models built from ``GPT2Config`` (random init, nothing downloaded; SDP
 attention mask: unpadded batches of fixed length 128), in one run:
 
 - ``vmap_dense``: ``gradients="vmap"``, dense projection, ``proj_dim = 2048``;
-- ``hooks_dense``: ``gradients="hooks"``, dense projection, ``proj_dim = 2048`` (embeddings,
-  layer norms and positional table, which no supported layer owns, still take vmap);
-- ``hooks_factored``: ``projection="factored"``, 16 x 16 per layer (every Conv1D weight and bias;
-  the tied embedding / lm_head and the norms are left out, as bergson leaves them out);
+- ``hooks_dense``: ``gradients="hooks"``, dense projection, ``proj_dim = 2048`` (every parameter
+  by hooks: Conv1D, the tied embedding / lm_head, the position table, the layer norms);
+- ``hooks_factored``: ``projection="factored"``, 16 x 16 per layer (every parameter: Conv1D
+  weights and biases, the tied embedding / lm_head, the position table and the norms; bergson
+  leaves the last three out);
 - ``fwd_bwd``: the physical limit, one ordinary batched forward and ``backward()`` of the summed
   task output (parameter gradients of the batch, no per-example work);
 - ``bergson``: EleutherAI bergson (when importable), ``InMemoryCollector`` with
@@ -351,8 +352,12 @@ def check_correctness(device: str) -> dict:
              for g in ("vmap", "hooks")}
     rel_dense = ((dense["hooks"] - dense["vmap"]).norm() / dense["vmap"].norm()).item()
     # Exact per-layer gradients (raw, hook path) projected by hand with the featurizer's matrices.
+    # The Conv1D layers' form by hand (embeddings and norms: tests/test_hf_families.py).
+    conv1d = [f"{name}.{role}" for name, m in model.named_modules() if type(m).__name__ == "Conv1D"
+              for role in ("weight", "bias")]
     factored = trak_fast.Featurizer(model, model.state_dict(), task=task, gradients="hooks", proj_dim=None,
-                                    projection="factored", factored_dims=FACTORED, device=device)
+                                    projection="factored", factored_dims=FACTORED, device=device,
+                                    grad_wrt=conv1d)
     phi_f = factored(batch[0])[0].double()
     raw = trak_fast.Featurizer(model, model.state_dict(), task=task, gradients="hooks", proj_dim=None,
                                grad_wrt=factored.grad_names, device=device)

@@ -545,3 +545,20 @@ def test_vmap_failure_names_the_parameters_and_the_ways_out(data):
     # The way out it names works: the hooked parameters alone.
     featurize(model, model.state_dict(), digits.batches(*data[:2]), proj_dim=8,
               grad_wrt=["0.weight", "0.bias"])
+
+
+def test_row_slices_of_a_large_weight_give_the_same_features(data):
+    """A grad_memory too small for one layer's per-example gradients: the dense hook path slices
+    the weight's rows (Linear and GPT-2's Conv1D, and the tied lm_head) instead of the batch,
+    and the features equal the unsliced ones."""
+    model = tiny_gpt2()
+    batches = _text_batches()
+    kwargs = dict(task=NextTokenMargin(), proj_dim=16, gradients="hooks")
+    full = featurize(model, model.state_dict(), batches, **kwargs).phi
+    tight = featurize(model, model.state_dict(), batches, grad_memory=4 * 200, **kwargs).phi
+    assert _rel(tight, full) < 1e-5     # float32 sums in another order
+    mlp = digits.make_mlp(32, seed=3)
+    mlp_batches = digits.batches(*data, 12)
+    full = featurize(mlp, mlp.state_dict(), mlp_batches, proj_dim=24).phi
+    tight = featurize(mlp, mlp.state_dict(), mlp_batches, proj_dim=24, grad_memory=4 * 100).phi
+    assert _rel(tight, full) < 1e-5     # float32 sums in another order

@@ -117,8 +117,14 @@ class Featurizer:
         return [dense_tap(t, self.writer, phi, batch_size, self._budget()) for t in self.plan.modules]
 
     def _hook_features(self, batch: Batch, batch_size: int, phi: torch.Tensor):
-        return hooked_pass(self._taps(phi, batch_size), self.task, self._model_fn(self.params),
-                           batch, batch_size, self.device)
+        try:
+            result = hooked_pass(self._taps(phi, batch_size), self.task,
+                                 self._model_fn(self.params), batch, batch_size, self.device)
+        except BaseException:
+            self.writer.discard()
+            raise
+        self.writer.flush(phi)     # the dense taps' held pieces
+        return result
 
     def _vmap_features(self, batch: Batch, batch_size: int, phi: torch.Tensor) -> None:
         vmap_features(self._model_fn, self.task, self.params, self.plan.vmapped, self.plan.uses,

@@ -58,15 +58,36 @@ class LayerAdapter:
         """Per-example bias gradients ``[B, *bias.shape]``: ``sum_t delta_t``."""
         return self.output_grads(grad).sum(1)
 
-    def project_weight(self, inputs: torch.Tensor, grad: torch.Tensor, project: Project) -> None:
+    #: How a matrix weight's flat elements are ordered, for :meth:`project_weight`'s slices:
+    #: ``"out"`` (the weight is ``G [d_out, d_in]`` row-major: Linear), ``"in"`` (it is ``G^T``:
+    #: Conv1D), ``None`` (not sliced: the strategy slices the batch instead).
+    rows_of: Optional[str] = None
+
+    def project_weight(self, inputs: torch.Tensor, grad: torch.Tensor, project: Project,
+                       max_elements: Optional[int] = None) -> None:
         """The dense projection ``P^T vec(G_b)`` of each example's weight gradient, by calls to
         ``project(values, offset)`` (see :data:`Project`).
 
-        Here: one call with the whole per-example gradient, ``[B, numel]`` at offset 0. A
-        strategy calls this on slices of the batch that keep ``B x numel`` within its memory
-        budget; adapters whose gradient is sparse project less (:class:`EmbeddingAdapter`)."""
-        g = self.weight_grad(inputs, grad)
-        project(g.reshape(g.shape[0], -1), 0)
+        One call with the whole per-example gradient, ``[B, numel]`` at offset 0, when it fits
+        ``max_elements``. Otherwise a matrix weight (:attr:`rows_of`) is formed and projected
+        in slices of its rows for the whole batch, ``G_b[r0:r1] = delta_b[:, r0:r1]^T a_b``
+        (elements ``r0 d_in ...``, consecutive in the flat weight): every row of ``P`` is then
+        generated once per batch, never once per slice of the batch. Adapters whose gradient is
+        sparse project less (:class:`~.layers.EmbeddingAdapter`)."""
+        numel = self.module.weight.numel()
+        if self.rows_of is None or max_elements is None or grad.shape[0] * numel <= max_elements:
+            g = self.weight_grad(inputs, grad)
+            project(g.reshape(g.shape[0], -1), 0)
+            return
+        a, delta = self.tokens(inputs), self.output_grads(grad)
+        a = a.to(delta.dtype)
+        left, right = (delta, a) if self.rows_of == "out" else (a, delta)
+        batch, rows, width = left.shape[0], left.shape[-1], right.shape[-1]
+        step = max(1, min(rows, max_elements // max(1, batch * width)))
+        for r0 in range(0, rows, step):
+            g = torch.bmm(left[..., r0:r0 + step].transpose(1, 2), right)     # [B, step, width]
+            project(g.reshape(batch, -1), r0 * width)
+            del g
 
     # ---- factored projection ---------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ In the backward pass of :func:`~.hooks.tapped`, each tracked layer hands over it
 and output gradient ``delta``; its adapter (:mod:`.layers`) turns them into per-example weight
 and bias gradients, which go to the :class:`~.writer.FeatureWriter` one slice of the batch at a
 time, each slice within ``grad_memory`` bytes. With one dense P, a weight goes through its
-adapter's :meth:`~.layers.LayerAdapter.project_weight`, which may have a cheaper exact form (an
-embedding's gradient has nonzero rows only at the example's ids).
+adapter's :meth:`~.adapter.LayerAdapter.project_weight`: a matrix weight for the whole batch,
+sliced over its rows when it does not fit (so no row of P is generated twice for one batch),
+an embedding by its distinct ids only (its gradient has nonzero rows only there).
 """
 from __future__ import annotations
 
@@ -20,13 +21,24 @@ def dense_tap(tracked: TrackedModule, writer: FeatureWriter, phi: torch.Tensor, 
               budget: int) -> LayerTap:
     """The tap of one layer: its parameters' exact per-example gradients into ``phi``.
 
-    ``budget`` is the number of gradient elements one slice may hold.
+    ``budget`` is the number of gradient elements one slice may hold. Whole-batch pieces are
+    held by the writer and projected together; the caller calls ``writer.flush(phi)`` after
+    the backward pass.
     """
     adapter = tracked.adapter
 
     def on_grad(inputs: torch.Tensor, grad: torch.Tensor) -> None:
         for role, name in tracked.params:
-            rows = max(1, min(batch_size, budget // writer.sizes[name]))
+            numel = writer.sizes[name]
+            if role == "weight" and writer.dense and (adapter.rows_of is not None
+                                                      or batch_size * numel <= budget):
+                # The whole batch at once: a matrix weight too large for the budget is sliced
+                # over its rows (each row of P generated once), not over the examples.
+                def project(values, offset, name=name):
+                    writer.defer_rows(values.to(phi.dtype), name, offset, phi, budget)
+                adapter.project_weight(inputs, grad, project, max_elements=budget)
+                continue
+            rows = max(1, min(batch_size, budget // numel))
             for start in range(0, batch_size, rows):
                 stop = min(batch_size, start + rows)
                 if role == "weight" and writer.dense:   # the adapter may have a cheaper form

@@ -53,6 +53,8 @@ from .norms import (LayerNormAdapter, NormAdapter, RMSNormAdapter,  # noqa: F401
 
 
 class LinearAdapter(LayerAdapter):
+    rows_of = "out"
+
     @property
     def d_in(self) -> int:
         return self.module.in_features
@@ -64,6 +66,8 @@ class LinearAdapter(LayerAdapter):
 
 class Conv1DAdapter(LayerAdapter):
     """transformers' ``Conv1D``: a linear layer with the weight stored as ``[d_in, d_out]``."""
+
+    rows_of = "in"
 
     @property
     def d_in(self) -> int:
@@ -171,7 +175,8 @@ class EmbeddingAdapter(LayerAdapter):
     def bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
         raise TypeError("nn.Embedding has no bias")
 
-    def project_weight(self, inputs: torch.Tensor, grad: torch.Tensor, project: Project) -> None:
+    def project_weight(self, inputs: torch.Tensor, grad: torch.Tensor, project: Project,
+                       max_elements: Optional[int] = None) -> None:
         """``P^T vec(G_b) = sum_v P_v^T G_b[v]`` over the batch's distinct ids ``v`` (``P_v``
         the ``d`` rows of ``P`` of table row ``v``, elements ``v d .. v d + d - 1``): one
         ``project`` call per run of consecutive distinct ids, with ``values [B, run d]``."""

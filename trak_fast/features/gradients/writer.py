@@ -12,7 +12,7 @@ feature space (:class:`~trak_fast.features.spec.FeatureSpec`) and writes them in
 """
 from __future__ import annotations
 
-from typing import List, Mapping, Sequence
+from typing import List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -27,6 +27,8 @@ class FeatureWriter:
     def __init__(self, spec, seed: int, kind: str, nnz: int, sizes: Mapping[str, int]):
         self.spec, self.seed, self.kind, self.nnz = spec, seed, kind, nnz
         self.sizes = dict(sizes)       # parameter name -> numel
+        self._pending: List[Tuple[int, torch.Tensor]] = []     # (first row of P, values [B, n])
+        self._pending_elements = 0
 
     @property
     def dense(self) -> bool:
@@ -67,6 +69,39 @@ class FeatureWriter:
         elsewhere). Dense projection only (see :attr:`dense`)."""
         project([values], self.spec.proj_dim, seed=self.seed, kind=self.kind, nnz=self.nnz,
                 feature_offset=self.spec.offsets[name] + first, out=phi)
+
+    def defer_rows(self, values: torch.Tensor, name: str, first: int, phi: torch.Tensor,
+                   budget: int) -> None:
+        """:meth:`add_rows` for the whole batch, held back and sent with other pieces in as few
+        ``project`` calls as possible: when the held pieces exceed ``budget`` elements, and at
+        :meth:`flush`. Pieces at consecutive rows of P (a layer's weight and bias, consecutive
+        layers) go in one call, so each call's fixed cost is paid once per run of pieces."""
+        self._pending.append((self.spec.offsets[name] + first, values))
+        self._pending_elements += values.numel()
+        if self._pending_elements > budget:
+            self.flush(phi)
+
+    def discard(self) -> None:
+        """Drops the held pieces (their batch failed)."""
+        self._pending, self._pending_elements = [], 0
+
+    def flush(self, phi: torch.Tensor) -> None:
+        """Projects every held piece into ``phi`` (see :meth:`defer_rows`)."""
+        pending = sorted(self._pending, key=lambda item: item[0])
+        self._pending, self._pending_elements = [], 0
+        run: List[torch.Tensor] = []
+        start = end = None
+        for offset, values in pending + [(None, None)]:
+            if run and offset != end:
+                project(run, self.spec.proj_dim, seed=self.seed, kind=self.kind, nnz=self.nnz,
+                        feature_offset=start, out=phi)
+                run = []
+            if offset is None:
+                break
+            if not run:
+                start = offset
+            run.append(values)
+            end = offset + values.shape[1]
 
     def _consecutive_runs(self, names: Sequence[str]) -> List[List[str]]:
         runs: List[List[str]] = []
