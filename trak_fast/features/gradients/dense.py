@@ -31,12 +31,13 @@ def dense_tap(tracked: TrackedModule, writer: FeatureWriter, phi: torch.Tensor, 
         for role, name in tracked.params:
             numel = writer.sizes[name]
             if role == "weight" and writer.dense and (adapter.rows_of is not None
-                                                      or batch_size * numel <= budget):
+                                                      or batch_size * numel <= budget // 2):
                 # The whole batch at once: a matrix weight too large for the budget is sliced
-                # over its rows (each row of P generated once), not over the examples.
+                # over its rows (each row of P generated once), not over the examples. Half
+                # the budget for the piece being formed, half for the pieces held back.
                 def project(values, offset, name=name):
-                    writer.defer_rows(values.to(phi.dtype), name, offset, phi, budget)
-                adapter.project_weight(inputs, grad, project, max_elements=budget)
+                    writer.defer_rows(values.to(phi.dtype), name, offset, phi, budget // 2)
+                adapter.project_weight(inputs, grad, project, max_elements=budget // 2)
                 continue
             rows = max(1, min(batch_size, budget // numel))
             for start in range(0, batch_size, rows):
