@@ -1,0 +1,173 @@
+"""Every python block in README.md and docs/*.md runs as written, in a fresh interpreter.
+
+A block is a fence opened by a line that is exactly three backticks and ``python``. HTML
+comments on the lines right before the fence mark it:
+
+- ``<!-- continues -->``: the block continues the python block before it in the same file
+  (and so on back); it runs after that one, in the same namespace.
+- ``<!-- requires: trak -->`` (a comma-separated list of modules, or ``cuda``): the block
+  shows code that needs another library or a GPU; its chain runs only where each module
+  imports (and a GPU is visible), and is skipped with that reason elsewhere.
+
+Each chain (a block with the blocks it continues) runs in a fresh ``python`` subprocess in an
+empty directory, with a timeout; a failure names the file and line of the block that failed
+(the blocks are compiled under their file's name, at their own line numbers).
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
+TIMEOUT_S = 180
+README_MAX_LINES = 250
+FIRST_ATTRIBUTE_WITHIN = 80
+
+MARKER = re.compile(r"^<!--\s*(.*?)\s*-->\s*$")
+
+RUNNER = """\
+import json, sys
+blocks = json.load(open(sys.argv[1]))
+namespace = {"__name__": "__main__"}
+for path, line, code in blocks:
+    # Padded so that tracebacks give the line in the Markdown file.
+    exec(compile("\\n" * line + code, path, "exec"), namespace)
+"""
+
+
+@dataclass
+class Block:
+    path: str            # relative to the repository root
+    line: int            # line of the opening fence (1-based)
+    code: str
+    continues: bool = False
+    requires: List[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def blocks_of(path: Path) -> List[Block]:
+    """The python blocks of a Markdown file with their markers."""
+    lines = path.read_text().splitlines()
+    rel = str(path.relative_to(ROOT))
+    out, i = [], 0
+    while i < len(lines):
+        fence = lines[i].strip()
+        if fence.startswith("```") and fence != "```":
+            lang = fence[3:].strip()
+            j = i + 1
+            while j < len(lines) and lines[j].strip() != "```":
+                j += 1
+            if j == len(lines):
+                raise AssertionError(f"{rel}:{i + 1}: unclosed code fence")
+            if lang == "python":
+                block = Block(rel, i + 1, "\n".join(lines[i + 1:j]) + "\n")
+                k = i - 1
+                while k >= 0 and MARKER.match(lines[k].strip()):
+                    text = MARKER.match(lines[k].strip()).group(1)
+                    if text == "continues":
+                        block.continues = True
+                    elif text.startswith("requires:"):
+                        block.requires += [m.strip() for m in text[len("requires:"):].split(",")
+                                           if m.strip()]
+                    k -= 1
+                out.append(block)
+            i = j + 1
+        else:
+            i += 1
+    return out
+
+
+def chains() -> List[Tuple[Block, ...]]:
+    """Every block with the blocks it continues; a block that others continue is run as part
+    of the longest chain only (its own run would repeat the same code)."""
+    result = []
+    for page in PAGES:
+        blocks = blocks_of(page)
+        for n, block in enumerate(blocks):
+            if block.continues and n == 0:
+                raise AssertionError(f"{block.where}: marked continues, but no python block precedes it")
+            continued = n + 1 < len(blocks) and blocks[n + 1].continues
+            if continued:
+                continue
+            start = n
+            while blocks[start].continues:
+                start -= 1
+            result.append(tuple(blocks[start:n + 1]))
+    return result
+
+
+def missing(requirement: str) -> bool:
+    if requirement == "cuda":
+        import torch
+        return not torch.cuda.is_available()
+    try:
+        return importlib.util.find_spec(requirement) is None
+    except (ImportError, ValueError):
+        return True
+
+
+CHAINS = chains()
+
+
+def test_there_are_blocks_and_markers_parse():
+    assert len(CHAINS) >= 8
+    for chain in CHAINS:
+        for block in chain:
+            assert block.code.strip(), f"{block.where}: empty python block"
+            compile(block.code, block.where, "exec")   # a syntax error names its block
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=[c[-1].where for c in CHAINS])
+def test_block_runs_as_written(chain, tmp_path):
+    needs = sorted({r for block in chain for r in block.requires})
+    absent = [r for r in needs if missing(r)]
+    if absent:
+        pytest.skip(f"{chain[-1].where} shows code that needs {', '.join(absent)}, not available here")
+    (tmp_path / "blocks.json").write_text(json.dumps(
+        [[str(ROOT / b.path), b.line, b.code] for b in chain]))
+    (tmp_path / "run_blocks.py").write_text(RUNNER)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["TRAK_FAST_DOCS_TEST"] = "1"
+    try:
+        proc = subprocess.run([sys.executable, str(tmp_path / "run_blocks.py"), str(tmp_path / "blocks.json")],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' -> '.join(b.where for b in chain)}: did not finish in {TIMEOUT_S} s")
+    assert proc.returncode == 0, (
+        f"{' -> '.join(b.where for b in chain)} failed (exit {proc.returncode}):\n"
+        f"{proc.stderr[-4000:]}")
+
+
+def test_readme_is_short_and_attributes_early():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines, at most {README_MAX_LINES}"
+    first = next((n + 1 for n, line in enumerate(lines) if "attribute(" in line), None)
+    assert first is not None and first <= FIRST_ATTRIBUTE_WITHIN, (
+        f"the first attribute( call is on line {first}, not within the first {FIRST_ATTRIBUTE_WITHIN}")
+    readme_blocks = blocks_of(README)
+    assert any("attribute(" in b.code for b in readme_blocks if b.line <= FIRST_ATTRIBUTE_WITHIN)
+
+
+def test_relative_links_resolve():
+    """Links between the pages (and to files in the repository) point at something."""
+    for page in PAGES + [ROOT / "benchmarks" / "README.md"]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: broken link {target}"
