@@ -5,6 +5,9 @@ comments on the lines right before the fence mark it:
 
 - ``<!-- continues -->``: the block continues the python block before it in the same file
   (and so on back); it runs after that one, in the same namespace.
+- ``<!-- id: NAME -->`` names a block; ``<!-- continues: NAME -->`` continues that block of the
+  same file instead of the one right before (a "before" and an "after" snippet can both
+  continue one setup block).
 - ``<!-- requires: trak -->`` (a comma-separated list of modules, or ``cuda``): the block
   shows code that needs another library or a GPU; its chain runs only where each module
   imports (and a GPU is visible), and is skipped with that reason elsewhere.
@@ -21,7 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -49,7 +52,8 @@ class Block:
     path: str            # relative to the repository root
     line: int            # line of the opening fence (1-based)
     code: str
-    continues: bool = False
+    continues: Optional[str] = None    # "" = the block before; else the id of the block
+    name: Optional[str] = None
     requires: List[str] = field(default_factory=list)
 
     @property
@@ -77,7 +81,11 @@ def blocks_of(path: Path) -> List[Block]:
                 while k >= 0 and MARKER.match(lines[k].strip()):
                     text = MARKER.match(lines[k].strip()).group(1)
                     if text == "continues":
-                        block.continues = True
+                        block.continues = ""
+                    elif text.startswith("continues:"):
+                        block.continues = text[len("continues:"):].strip()
+                    elif text.startswith("id:"):
+                        block.name = text[len("id:"):].strip()
                     elif text.startswith("requires:"):
                         block.requires += [m.strip() for m in text[len("requires:"):].split(",")
                                            if m.strip()]
@@ -90,21 +98,34 @@ def blocks_of(path: Path) -> List[Block]:
 
 
 def chains() -> List[Tuple[Block, ...]]:
-    """Every block with the blocks it continues; a block that others continue is run as part
-    of the longest chain only (its own run would repeat the same code)."""
+    """Every block with the blocks it continues, back to one that continues none. A block that
+    another continues runs only as part of the longer chains (its own run would repeat them)."""
     result = []
     for page in PAGES:
         blocks = blocks_of(page)
+        parents = []
         for n, block in enumerate(blocks):
-            if block.continues and n == 0:
-                raise AssertionError(f"{block.where}: marked continues, but no python block precedes it")
-            continued = n + 1 < len(blocks) and blocks[n + 1].continues
-            if continued:
+            if block.continues is None:
+                parents.append(None)
+            elif block.continues == "":
+                if n == 0:
+                    raise AssertionError(f"{block.where}: marked continues, but no python block precedes it")
+                parents.append(n - 1)
+            else:
+                named = [m for m in range(n) if blocks[m].name == block.continues]
+                if len(named) != 1:
+                    raise AssertionError(f"{block.where}: continues {block.continues!r}, but "
+                                         f"{len(named)} earlier blocks have that id")
+                parents.append(named[0])
+        continued = {p for p in parents if p is not None}
+        for n in range(len(blocks)):
+            if n in continued:
                 continue
-            start = n
-            while blocks[start].continues:
-                start -= 1
-            result.append(tuple(blocks[start:n + 1]))
+            chain, m = [], n
+            while m is not None:
+                chain.append(blocks[m])
+                m = parents[m]
+            result.append(tuple(reversed(chain)))
     return result
 
 
