@@ -196,10 +196,26 @@ def test_readme_is_short_and_attributes_early():
     assert any("attribute(" in b.code for b in readme_blocks if b.line <= FIRST_ATTRIBUTE_WITHIN)
 
 
+def anchors(page: Path) -> set:
+    """GitHub's heading anchors: lowercased, punctuation other than - and _ dropped, spaces to -."""
+    out, fenced = set(), False
+    for line in page.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
 def test_relative_links_resolve():
-    """Links between the pages (and to files in the repository) point at something."""
+    """Links between the pages (and to files in the repository) point at something, and a
+    link to a heading names one that exists."""
     for page in PAGES + [ROOT / "benchmarks" / "README.md"]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: broken link {target}"
+            path = (page.parent / target) if target else page
+            assert path.exists(), f"{page.relative_to(ROOT)}: broken link {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors(path), f"{page.relative_to(ROOT)}: no heading #{anchor} in {target or page.name}"
