@@ -1,4 +1,4 @@
-"""TRAKer + TrakFastProjector under trak's defaults vs the README snippet's settings.
+"""TRAKer + TrakFastProjector under trak's defaults vs the docs/migrating.md snippet's settings.
 
 Digits MLP 64-16-10 (1,210 parameters), n = 1,000 train examples, 50 targets, k = 2048 > n,
 one checkpoint, CPU. For each TRAKer configuration: the mean over targets of the Pearson

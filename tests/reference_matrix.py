@@ -1,6 +1,6 @@
 """An independent, slow reimplementation of the matrix definition in numpy.
 
-Written from the definition in the README (not from the C++), so that the C++ and CUDA
+Written from the definition in docs/matrix.md (not from the C++), so that the C++ and CUDA
 generators are checked against something that shares no code with them. float32
 arithmetic is done one IEEE operation at a time in numpy float32, in the order the
 definition gives.

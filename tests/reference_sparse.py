@@ -1,6 +1,6 @@
 """An independent, slow reimplementation of the sparse matrix definition (kind="sparse").
 
-Written from the definition in the README, in plain Python integers, sharing no code with
+Written from the definition in docs/matrix.md, in plain Python integers, sharing no code with
 the C++ (only the Philox of reference_matrix.py, itself checked against published vectors).
 """
 import numpy as np

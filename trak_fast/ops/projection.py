@@ -2,7 +2,7 @@
 
 The matrix. ``P = R / sqrt(proj_dim)``, where ``R[i, j]`` is a pure function of
 ``(seed, i, j, kind)`` (Philox4x32-10 counter-based hashing; the exact definition is in
-``csrc/include/trak_fast/random_matrix.h`` and the README). ``kind="rademacher"`` gives
+``csrc/include/trak_fast/random_matrix.h`` and docs/matrix.md). ``kind="rademacher"`` gives
 entries ``+-1/sqrt(k)``, ``kind="gaussian"`` entries ``N(0, 1/k)``; either way
 ``E ||P^T g||^2 = ||g||^2``. P is never stored: its tiles are generated where they are used.
 
@@ -169,7 +169,7 @@ def project(
             ``project(a, k) + project(b, k, feature_offset=a_width) == project([a, b], k)``.
         out: optional ``[B, k]`` tensor to **add** the projection into (and return).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the CUDA kernel
-            (see the README for each one's error). The CPU always computes in fp32 (fp64
+            (see docs/guide.md for each one's error). The CPU always computes in fp32 (fp64
             for fp64 input). ``kind="sparse"`` ignores it: its sums are float32 (float64
             for float64 input) on either device.
         scale: multiplies the result instead of ``1/sqrt(k)`` (``1/sqrt(nnz)`` for sparse);
