@@ -29,6 +29,7 @@ FEATURE_DTYPES = ("float32", "float16")
 KERNELS = ("full", "per_layer")
 KERNEL_WEIGHTS = ("none", "out_to_loss", "fisher")
 ENSEMBLES = ("mean", "trak")
+CURVATURES = ("kernel", "fisher")
 
 #: Bytes one group of per-example gradients (``B x p_group`` elements) may take.
 DEFAULT_GRAD_MEMORY = 1 << 30
@@ -41,6 +42,10 @@ DEFAULT_LAMBDA_REL = 3.0
 #: (digits M = 1 and 5, breast_cancer, the deeper digits MLP, and wine, not used for tuning),
 #: and unlike ``"fisher"`` it never fell below the gradient dot product.
 DEFAULT_KERNEL_WEIGHTS = "out_to_loss"
+#: ``curvature="fisher"``'s damping, relative to each layer's mean Fisher eigenvalue: the best
+#: of 0.01 / 0.1 / 1 on the language-model LDS benchmark (``benchmarks/bench_lm_lds.py``) with
+#: per-layer and factored features.
+DEFAULT_FISHER_DAMPING = 0.01
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
@@ -147,16 +152,28 @@ class ScoreSettings:
     #: Row weights of ``Phi^T W Phi``: ``"none"``, ``"out_to_loss"`` (``W = Q``) or ``"fisher"``
     #: (``W = Q^2``); default by ensemble.
     kernel_weights: Optional[str] = None
+    #: ``"kernel"`` (TRAK's ``Phi^T W Phi`` of the train features) or ``"fisher"`` (the true
+    #: Fisher from labels sampled from the model, per block of ``kernel``, train rows the
+    #: log-likelihood gradients; ``lambda_reg`` relative to each block's mean eigenvalue,
+    #: default ``DEFAULT_FISHER_DAMPING``; see :mod:`trak_fast.scoring.fisher`). In-memory
+    #: :func:`~trak_fast.attribute` only, for now.
+    curvature: str = "kernel"
 
     def __post_init__(self) -> None:
         check_choice("ensemble", self.ensemble, ENSEMBLES)
         check_choice("kernel", self.kernel, KERNELS)
+        check_choice("curvature", self.curvature, CURVATURES)
         relative = self.ensemble == "mean" if self.relative_lambda is None else self.relative_lambda
         if not isinstance(relative, (bool, np.bool_)):
             raise ValueError(f"relative_lambda must be True, False or None, got {relative!r}")
+        if self.curvature == "fisher" and (self.ensemble != "mean" or not relative):
+            raise ValueError("curvature='fisher' takes ensemble='mean' and a relative lambda_reg "
+                             f"(a fraction of the mean eigenvalue), got ensemble={self.ensemble!r}, "
+                             f"relative_lambda={self.relative_lambda!r}")
         lam = self.lambda_reg
         if lam is None:
-            lam = DEFAULT_LAMBDA_REL if relative else 0.0
+            lam = (DEFAULT_FISHER_DAMPING if self.curvature == "fisher" else
+                   DEFAULT_LAMBDA_REL if relative else 0.0)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) \
                 or lam < 0:
             raise ValueError(f"lambda_reg must be a finite number >= 0, got {lam!r}")

@@ -21,6 +21,9 @@ from ..features.featurizer import Featurizer
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device
 from ..features.tasks import Task, get_task
+from ..features.tasks.likelihood import LogLikelihoodTask, SampledLogLikelihoodTask
+from ..ops.projection import model_seed
+from ..scoring.fisher import fisher_scores
 from ..scoring.kernel import compute_kernels, kernel_blocks, kernel_row_weights
 from ..scoring.scores import add_checkpoint_scores, finish_ensemble
 from ..settings import FeatureSettings, ScoreSettings, split_options
@@ -84,6 +87,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
                                     task=task, device=device, passes=len(checkpoints))
     distributed.agree("attribute", {"checkpoints": len(checkpoints), **vars(features),
                                     **vars(scoring), "task": task.name})
+    if scoring.curvature == "fisher":
+        return _fisher_attribute(model, checkpoints, train, targets, task, features, scoring,
+                                 featurizer, device, progress)
     score_sum = q_sum = None
     # Checkpoint 0's pass over each loader is fingerprinted; later checkpoints must see the
     # same examples in the same order (see trak_fast.pipeline.fingerprint).
@@ -130,3 +136,36 @@ def _features(featurizer: Featurizer, loader: Iterable[Batch], what: str, ledger
                                             out_to_loss=out_to_loss, before_batch=ledger)
     return tuple(featurize_with(featurizer, loader, what=what, out_to_loss=out_to_loss,
                                 before_batch=ledger, progress=progress))
+
+
+def _fisher_attribute(model, checkpoints, train, targets, task: Task, features: FeatureSettings,
+                      scoring: ScoreSettings, featurizer: Featurizer, device, progress: bool
+                      ) -> torch.Tensor:
+    """``curvature="fisher"`` (see :mod:`trak_fast.scoring.fisher`): per checkpoint, the train
+    log-likelihood gradients, the sampled-label gradients (the Fisher) and the targets' output
+    gradients, all with checkpoint ``m``'s projection; ``tau = mean_m(scores_m)``."""
+    total = None
+    seen = {"train": None, "targets": None}
+    for model_id, checkpoint in enumerate(checkpoints):
+        def make(task_m):
+            return Featurizer(model, checkpoint, task=task_m, settings=features,
+                              model_id=model_id, device=device)
+        if model_id > 0:
+            featurizer = make(task)
+        seed = model_seed(features.seed, model_id)
+        ledgers = {what: Ledger(what, seen[what], against=f"the {what} examples checkpoint 0 saw")
+                   for what in seen}
+        g = _features(make(LogLikelihoodTask(task)), train, "train", ledgers["train"], progress)[0]
+        s = _features(make(SampledLogLikelihoodTask(task, seed)), train, "train (sampled labels)",
+                      None, progress)[0]
+        t = _features(featurizer, targets, "targets", ledgers["targets"], progress)[0]
+        if model_id == 0:
+            seen = {what: ledger.hashes for what, ledger in ledgers.items()}
+            total = torch.zeros(g.shape[0], t.shape[0], dtype=torch.float64)
+        elif (g.shape[0], t.shape[0]) != tuple(total.shape):
+            raise ValueError(f"checkpoint {model_id} saw {g.shape[0]} train and {t.shape[0]} "
+                             f"target examples, checkpoint 0 saw {tuple(total.shape)}")
+        blocks = kernel_blocks(featurizer.layout, g.shape[1], scoring.kernel)
+        fisher_scores(g, s, t, blocks, scoring.lambda_reg, device=device, out=total)
+    dtype = torch.float64 if featurizer.dtype == torch.float64 else torch.float32
+    return (total / len(checkpoints)).to(dtype)

@@ -331,6 +331,10 @@ class TRAK:
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
         scoring = score_settings(options, scoring, where="TRAK.score()")
+        if scoring.curvature != "kernel":
+            raise ValueError("curvature='fisher' is computed by trak_fast.attribute() only, for "
+                             "now: the store keeps TRAK's train features, not the log-likelihood "
+                             "and sampled-label gradients that the Fisher scores need")
         name = check_name(name)
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is None:

@@ -100,6 +100,18 @@ class Task(abc.ABC):
                              f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
         return f.reshape(())
 
+    def log_likelihoods(self, model: ModelFn, batch: Any,
+                        sample_seed: "int | None" = None) -> torch.Tensor:
+        """``[log p(y_b | x_b)]`` for a batch, shape ``[B]``, with the batch's labels, or with
+        labels drawn from the model when ``sample_seed`` is given: what
+        ``ScoreSettings(curvature="fisher")`` differentiates (see
+        :mod:`trak_fast.features.tasks.likelihood`). Built in for classification and language
+        modeling; a custom task defines it to use the Fisher curvature."""
+        raise NotImplementedError(
+            f"task {self.name!r} ({type(self).__name__}) does not define log_likelihoods(model, "
+            "batch, sample_seed=None), which curvature='fisher' needs; define it, or use "
+            "curvature='kernel'")
+
     @abc.abstractmethod
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
         """``Q_i = -d loss / d f`` at each example of the batch, shape ``[B]`` (no gradient).

@@ -8,6 +8,7 @@ import torch
 ModelFn = Callable[..., torch.Tensor]
 
 from .base import _INTEGER_DTYPES, Task, batch_size_of
+from .likelihood import example_uniforms, sample_labels
 
 
 IGNORE_INDEX = -100
@@ -113,6 +114,19 @@ class LanguageModelingTask(Task):
         logits = self._logits(model, batch)
         margins, p, predicted = self._token_terms(logits, batch, fused=True)
         return torch.where(predicted, margins, 0.0).sum(-1), self._q(p.detach(), predicted)
+
+    def log_likelihoods(self, model: ModelFn, batch: Any, sample_seed=None) -> torch.Tensor:
+        """``sum_{t in S} log softmax(logits_t)[y_{t+1}]`` per sequence; with ``sample_seed``,
+        ``y_{t+1}`` drawn from ``softmax(logits_t)`` (see :mod:`.likelihood`)."""
+        logits = self._logits(model, batch)
+        labels, predicted = self._next_tokens(batch)
+        logits = logits[:, :-1]
+        if sample_seed is None:
+            target = torch.where(predicted, labels, 0)
+        else:
+            target = sample_labels(logits, example_uniforms(batch, sample_seed, logits.shape[1]))
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
+        return torch.where(predicted, picked, 0.0).sum(-1)
 
     @staticmethod
     def _q(p: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""curvature="fisher": the sampled-label gradients estimate the true Fisher, the solver is exact."""
+import pytest
+import torch
+from torch import nn
+
+import trak_fast
+from trak_fast.features.layout import FeatureBlock
+from trak_fast.features.tasks.likelihood import (LogLikelihoodTask, SampledLogLikelihoodTask,
+                                                 example_uniforms, sample_labels)
+from trak_fast.scoring.fisher import fisher_scores
+
+
+@pytest.mark.parametrize("n_f", [40, 6])            # primal (k_l <= n_f) and Woodbury solves
+def test_fisher_scores_equal_the_explicit_inverse(n_f):
+    g = torch.Generator().manual_seed(0)
+    train, sampled, targets = (torch.randn(n, 12, generator=g, dtype=torch.float64)
+                               for n in (9, n_f, 4))
+    blocks = [FeatureBlock("a", 0, 5, "a"), FeatureBlock("b", 5, 12, "b")]
+    got = fisher_scores(train, sampled, targets, blocks, c=0.3)
+    expected = torch.zeros(9, 4, dtype=torch.float64)
+    for b in blocks:
+        s = sampled[:, b.start:b.stop]
+        f = s.T @ s / n_f
+        lam = 0.3 * torch.trace(f) / f.shape[0]
+        expected += train[:, b.start:b.stop] @ torch.linalg.inv(
+            f + lam * torch.eye(f.shape[0], dtype=torch.float64)) @ targets[:, b.start:b.stop].T
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_sampled_labels_follow_the_softmax_and_depend_on_the_example_only():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]])
+    x = torch.arange(3000 * 4, dtype=torch.float64).reshape(3000, 4)      # 3000 distinct examples
+    drawn = sample_labels(logits.expand(3000, 4), example_uniforms((x,), seed=5, width=1)[:, 0])
+    freq = torch.bincount(drawn, minlength=4).double() / 3000
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), 0), atol=0.03, rtol=0)
+    # Row b's draw is a function of example b and the seed: another batch composition, the same.
+    alone = example_uniforms((x[17:18],), seed=5, width=3)
+    torch.testing.assert_close(example_uniforms((x,), seed=5, width=3)[17:18], alone)
+    assert not torch.equal(example_uniforms((x[17:18],), seed=6, width=3), alone)
+
+
+def test_sampled_gradients_estimate_the_true_fisher():
+    """Linear softmax classifier: E[s s^T] over label draws = (diag p - p p^T) (x) x x^T, the
+    exact Fisher (Gauss-Newton) of the loss; the mean over 4000 draws is within 10%."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4, bias=False).double()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    task = trak_fast.ClassificationTask()
+    draws = []
+    for seed in range(4000):
+        task_s = SampledLogLikelihoodTask(task, seed)
+        draws.append(trak_fast.featurize(model, model.state_dict(), [(x, torch.zeros(1, dtype=torch.long))],
+                                         task=task_s, proj_dim=None, out_to_loss=False).phi[0])
+    s = torch.stack(draws)
+    estimate = s.T @ s / len(draws)
+    p = torch.softmax(model(x)[0], 0).detach()
+    exact = torch.kron(torch.diag(p) - torch.outer(p, p), x.T @ x)     # W row-major: [out, in]
+    assert ((estimate - exact).norm() / exact.norm()).item() < 0.1
+    # The log-likelihood task's rows are minus the loss gradient.
+    y = torch.tensor([2])
+    g = trak_fast.featurize(model, model.state_dict(), [(x, y)], task=LogLikelihoodTask(task),
+                            proj_dim=None, out_to_loss=False).phi[0]
+    loss = nn.functional.cross_entropy(model(x), y)
+    (grad,) = torch.autograd.grad(loss, model.weight)
+    torch.testing.assert_close(g, -grad.reshape(-1))
+
+
+def test_attribute_with_fisher_curvature_runs_and_refuses_what_it_cannot_do(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    ids = torch.randint(0, 40, (12, 8))
+    train = [{"input_ids": ids[i:i + 6]} for i in (0, 6)]
+    targets = [{"input_ids": ids[:3]}]
+    kwargs = dict(task="language_modeling", proj_dim=64, projection="per_layer",
+                  kernel="per_layer", curvature="fisher", progress=False)
+    scores = trak_fast.attribute(model, [model.state_dict()], train, targets, **kwargs)
+    assert scores.shape == (12, 3) and torch.isfinite(scores).all()
+    # A train example scores its own copy among the targets highly: the diagonal leads.
+    assert (scores[:3].diagonal() > scores[3:].max(0).values).float().mean() >= 2 / 3
+    with pytest.raises(ValueError, match="curvature='fisher' takes ensemble='mean'"):
+        trak_fast.ScoreSettings(curvature="fisher", ensemble="trak")
+    trak = trak_fast.TRAK(tmp_path, model, train_size=12, task="language_modeling", proj_dim=64,
+                          progress=False)
+    with pytest.raises(ValueError, match="computed by trak_fast.attribute\\(\\) only"):
+        trak.score("x", curvature="fisher")
