@@ -115,25 +115,25 @@ def run_build(options: BuildOptions) -> int:
         data=absolute(options.data), data_fingerprint=rows.fingerprint(), columns=rows.columns,
         max_length=max_length, train_size=len(rows), store=os.path.abspath(options.store))
     record.pop("progress"), record.pop("device")
-    trak = TRAK(store, model, train_size=len(rows), task=LanguageModelingTask(),
-                features=options.features, device=options.device, progress=options.progress)
-
-    def check_or_write() -> None:
-        old = _read_record(store).get("build")
-        if old is not None:
-            differences = _differences(old, record, _IDENTITY)
+    # Checked before TRAK opens the store (which would name a setting, not a flag); written
+    # after TRAK() accepted every setting, so a refused value is never recorded.
+    with distributed.step("build: checking the store's record"):
+        if distributed.is_main():
+            old = _read_record(store).get("build")
+            differences = [] if old is None else _differences(old, record, _IDENTITY)
             if differences:
                 raise CLIError(f"the store {str(store)!r} was built from other inputs:\n  "
                                + "\n  ".join(differences)
                                + "\nrerun with the same options to resume, or use a new store "
                                "directory")
-        full = _read_record(store)
-        full["build"] = record
-        full.setdefault("experiments", {})
-        _write_record(store, full)
-    with distributed.step("build: checking the store's record"):
+    trak = TRAK(store, model, train_size=len(rows), task=LanguageModelingTask(),
+                features=options.features, device=options.device, progress=options.progress)
+    with distributed.step("build: recording the inputs"):
         if distributed.is_main():
-            check_or_write()
+            full = _read_record(store)
+            full["build"] = record
+            full.setdefault("experiments", {})
+            _write_record(store, full)
     say(f"build: {len(rows)} training examples, {len(specs)} checkpoint(s), "
         f"{trak.num_features} features each -> {store}")
     batches = Batches(rows, tokenizer, max_length=max_length, batch_size=options.batch_size,
