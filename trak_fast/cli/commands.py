@@ -93,8 +93,9 @@ def _load_checkpoint(spec: str, model, attn: str, model_spec: str):
     return models.load_checkpoint(spec, model, attn)
 
 
-def run_build(options: BuildOptions) -> int:
-    store = Path(options.store)
+def prepare_build(options: BuildOptions):
+    """``(model, tokenizer, rows, checkpoint specs, max_length, record)`` of a build: loads
+    and checks every input, featurizes nothing."""
     model = models.load_model(options.model, options.attn_implementation)
     tokenizer_path, tokenizer, max_length = _tokenization(options, options.model, model)
     rows = Rows(options.data, split=options.split, columns=options.columns())
@@ -115,6 +116,20 @@ def run_build(options: BuildOptions) -> int:
         data=absolute(options.data), data_fingerprint=rows.fingerprint(), columns=rows.columns,
         max_length=max_length, train_size=len(rows), store=os.path.abspath(options.store))
     record.pop("progress"), record.pop("device")
+    return model, tokenizer, rows, specs, max_length, record
+
+
+def record_build(store: Path, record: Dict[str, Any]) -> None:
+    """Writes the build's record into the store's cli.json (keeping its experiments)."""
+    full = _read_record(store)
+    full["build"] = record
+    full.setdefault("experiments", {})
+    _write_record(store, full)
+
+
+def run_build(options: BuildOptions) -> int:
+    store = Path(options.store)
+    model, tokenizer, rows, specs, max_length, record = prepare_build(options)
     # Checked before TRAK opens the store (which would name a setting, not a flag); written
     # after TRAK() accepted every setting, so a refused value is never recorded.
     with distributed.step("build: checking the store's record"):
@@ -130,10 +145,7 @@ def run_build(options: BuildOptions) -> int:
                 features=options.features, device=options.device, progress=options.progress)
     with distributed.step("build: recording the inputs"):
         if distributed.is_main():
-            full = _read_record(store)
-            full["build"] = record
-            full.setdefault("experiments", {})
-            _write_record(store, full)
+            record_build(store, record)
     say(f"build: {len(rows)} training examples, {len(specs)} checkpoint(s), "
         f"{trak.num_features} features each -> {store}")
     batches = Batches(rows, tokenizer, max_length=max_length, batch_size=options.batch_size,

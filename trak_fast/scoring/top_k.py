@@ -51,6 +51,12 @@ def _ordered(values: torch.Tensor, indices: torch.Tensor, largest: bool
     return values.gather(1, by_value).contiguous(), indices.gather(1, by_value).contiguous()
 
 
+def _raise_non_finite(block: torch.Tensor, start: int) -> None:
+    row, column = (int(x) for x in (~torch.isfinite(block)).nonzero()[0])
+    raise ValueError(f"scores[{start + row}, {column}] is {block[row, column].item()}; "
+                     "top-k needs finite scores")
+
+
 def top_k(scores: Union[np.ndarray, torch.Tensor], k: int, *,
           block_rows: Optional[int] = None) -> TopK:
     """The ``k`` largest and ``k`` smallest scores of each column of ``scores [n, t]``.
@@ -77,19 +83,23 @@ def top_k(scores: Union[np.ndarray, torch.Tensor], k: int, *,
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
     high = low = None
+    # One buffer for every block (no allocation per block, so no heap growth with n); a
+    # non-finite score shows up in the block's top-k (NaN and +inf among the largest, -inf
+    # among the smallest), so only those [k, t] results are checked.
+    buffer = torch.empty(min(block_rows, n), t, dtype=torch.float32)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
-        block = scores[start:stop]
-        block = block.detach().cpu().float() if isinstance(block, torch.Tensor) else \
-            torch.from_numpy(np.array(block, dtype=np.float32))
-        bad = ~torch.isfinite(block)
-        if bad.any():
-            row, column = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"scores[{start + row}, {column}] is {block[row, column].item()}; "
-                             "top-k needs finite scores")
+        block = buffer[:stop - start]
+        source = scores[start:stop]
+        if isinstance(source, torch.Tensor):
+            block.copy_(source)
+        else:
+            np.copyto(block.numpy(), source, casting="same_kind")
         keep = min(k, stop - start)
         for largest in (True, False):
             values, indices = torch.topk(block, keep, dim=0, largest=largest, sorted=False)
+            if not torch.isfinite(values).all():
+                _raise_non_finite(block, start)
             indices += start
             if largest:
                 high = _merge(high, values, indices, k, True)
