@@ -67,6 +67,8 @@ def _process_group(device: Optional[str]) -> bool:
     if dist.is_initialized():
         return False
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if cuda and device is None:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 

@@ -36,6 +36,17 @@ _QUERY_IDENTITY = {"data_fingerprint": "--data (file contents)", "split": "--spl
                    "max_length": "--max-length", "batch_size": "--batch-size"}
 
 
+def _device(requested):
+    """``--device``, else the GPU when one is visible (``cuda:LOCAL_RANK`` under torchrun)."""
+    import torch
+
+    if requested is not None or not torch.cuda.is_available():
+        return requested
+    if not distributed.active():
+        return "cuda"
+    return f"cuda:{os.environ.get('LOCAL_RANK', distributed.rank() % torch.cuda.device_count())}"
+
+
 def say(message: str) -> None:
     if distributed.is_main():
         print(message, flush=True)
@@ -142,7 +153,8 @@ def run_build(options: BuildOptions) -> int:
                                + "\nrerun with the same options to resume, or use a new store "
                                "directory")
     trak = TRAK(store, model, train_size=len(rows), task=LanguageModelingTask(),
-                features=options.features, device=options.device, progress=options.progress)
+                features=options.features, device=_device(options.device),
+                progress=options.progress and distributed.is_main())
     with distributed.step("build: recording the inputs"):
         if distributed.is_main():
             record_build(store, record)
@@ -191,8 +203,8 @@ def run_score(options: ScoreOptions) -> int:
         if features.get(key) is not None:
             features[key] = tuple(features[key])
     trak = TRAK(store, model, train_size=build["train_size"], task=LanguageModelingTask(),
-                features=FeatureSettings(**features), device=options.device,
-                progress=options.progress)
+                features=FeatureSettings(**features), device=_device(options.device),
+                progress=options.progress and distributed.is_main())
     scoring = dict(kernel=build["kernel"], kernel_weights=build["kernel_weights"])
     scoring.update(options.scoring)
     try:

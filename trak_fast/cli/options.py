@@ -141,8 +141,8 @@ def add_data_flags(parser: argparse.ArgumentParser, *, what: str) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--config", metavar="FILE", help="TOML or JSON file of these options "
                      "(keys as the flags, with '_': proj_dim = 512); flags override it")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... [cpu; under torchrun cuda:LOCAL_RANK "
-                     "if a GPU is visible]")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... [cuda if a GPU is visible (cuda:LOCAL_RANK "
+                     "under torchrun), else cpu]; a resume is bitwise on the same device")
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                      help="no progress bars")
 
