@@ -93,13 +93,14 @@ def _tokenization(options, model_spec: str, model):
     return tokenizer_path, tokenizer, max_length
 
 
-def _checkpoint_specs(options: BuildOptions) -> List[str]:
-    return list(options.checkpoint) if options.checkpoint else [options.model]
+def _path(spec: str) -> str:
+    """A model or checkpoint spec as recorded: a function as given, a path made absolute."""
+    return spec if models.is_function(spec) else os.path.abspath(spec)
 
 
 def _load_checkpoint(spec: str, model, attn: str, model_spec: str):
     """``spec``'s weights; the model's own when ``spec`` is the model itself."""
-    if spec in ("<model>", model_spec) or models.is_function(spec):
+    if spec == model_spec or models.is_function(spec):
         return dict(model.state_dict())
     return models.load_checkpoint(spec, model, attn)
 
@@ -110,17 +111,14 @@ def prepare_build(options: BuildOptions):
     model = models.load_model(options.model, options.attn_implementation)
     tokenizer_path, tokenizer, max_length = _tokenization(options, options.model, model)
     rows = Rows(options.data, split=options.split, columns=options.columns())
-    specs = ["<model>"] if not options.checkpoint and models.is_function(options.model) \
-        else _checkpoint_specs(options)
+    specs = list(options.checkpoint) if options.checkpoint else [options.model]
     checkpoints = {}     # model_id -> fingerprint (each loaded once here, again when featurized)
     for model_id, spec in enumerate(specs):
         checkpoints[model_id] = checkpoint_fingerprint(
             _load_checkpoint(spec, model, options.attn_implementation, options.model))
     record = record_of(options)
     record.update(
-        model=options.model if models.is_function(options.model) else os.path.abspath(options.model),
-        checkpoint=[s if s == "<model>" or s == options.model and models.is_function(s)
-                    else os.path.abspath(s) for s in specs],
+        model=_path(options.model), checkpoint=[_path(s) for s in specs],
         checkpoint_fingerprints=[checkpoints[m] for m in sorted(checkpoints)],
         tokenizer=os.path.abspath(tokenizer_path),
         tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer_path),

@@ -86,7 +86,7 @@ class _File:
     def _scan_jsonl(self):
         columns: Dict[str, None] = {}
         size = 0
-        for line_number, row in self._jsonl_rows():
+        for _, row in self._jsonl_rows():
             columns.update(dict.fromkeys(row))
             size += 1
         return list(columns), size
