@@ -64,7 +64,6 @@ class ScoreOptions(DataOptions):
     name: str = "queries"
     top_k: Optional[int] = None
     top_k_file: Optional[str] = None
-    overwrite: bool = False
     # ScoreSettings fields given (the others default to the build's kernel and the defaults).
     scoring: Dict[str, Any] = field(default_factory=dict)
     batch_size: Optional[int] = None     # default: the build's
@@ -121,6 +120,9 @@ def _flag(name: str) -> str:
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, what: str) -> None:
+    build = what == "training set"
+    defaults = ("[the model's context]", "[8]", "[the model directory]") if build else \
+        ("[the build's]",) * 3
     group = parser.add_argument_group(f"{what} data")
     group.add_argument("--data", nargs="+", metavar="PATH",
                        help=f"{what}: .jsonl, .csv or .parquet files, or a datasets save_to_disk "
@@ -134,10 +136,11 @@ def add_data_flags(parser: argparse.ArgumentParser, *, what: str) -> None:
     group.add_argument("--completion-column", metavar="NAME",
                        help="completion column: its tokens are the ones attributed")
     group.add_argument("--max-length", type=int, metavar="TOKENS",
-                       help="cut sequences to this many tokens [the model's context]")
-    group.add_argument("--batch-size", type=int, metavar="B", help="examples per batch [8]")
-    group.add_argument("--tokenizer", metavar="DIR",
-                       help="tokenizer directory [the model directory]")
+                       help=f"cut sequences to this many tokens {defaults[0]}")
+    group.add_argument("--batch-size", type=int, metavar="B",
+                       help=f"examples per batch {defaults[1]}")
+    group.add_argument("--tokenizer", metavar="DIR", help=f"tokenizer directory {defaults[2]}"
+                       + ("" if build else "; another tokenizer than the build's is refused"))
     run = parser.add_argument_group("run")
     run.add_argument("--config", metavar="FILE", help="TOML or JSON file of these options "
                      "(keys as the flags, with '_': proj_dim = 512); flags override it")
@@ -176,8 +179,6 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
                      help="write each query's N strongest proponents and opponents as JSONL")
     out.add_argument("--top-k-file", metavar="FILE",
                      help="where [STORE/experiment_NAME/top_N.jsonl]")
-    out.add_argument("--overwrite", action="store_const", const=True,
-                     help="replace an experiment made from other query data")
     scoring = parser.add_argument_group("scoring (trak_fast.ScoreSettings; kernel defaults to "
                                         "the build's)")
     for name, spec in _SCORE_FLAGS.items():
