@@ -165,9 +165,8 @@ class Rows:
         return self.size
 
     def __iter__(self) -> Iterator[Dict[str, str]]:
-        index = 0
         for file in self.files:
-            for row in file.rows():
+            for index, row in enumerate(file.rows()):
                 out = {}
                 for role, column in self.columns.items():
                     value = row.get(column)
@@ -176,7 +175,6 @@ class Rows:
                                        f"hold text, got {type(value).__name__} {value!r:.40}")
                     out[role] = value
                 yield out
-                index += 1
 
     def fingerprint(self) -> str:
         """A hash of the files' bytes (and the split), to refuse other data on a resume."""
