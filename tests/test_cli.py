@@ -347,3 +347,23 @@ def test_help_names_every_setting(capsys):
     text = capsys.readouterr().out
     for field in trak_fast.settings.SCORE_FIELDS + ("top_k",):
         assert "--" + field.replace("_", "-") in text
+
+
+def _parsed(argv):
+    namespace = cli.parser().parse_args(argv)
+    command, sub = namespace.__dict__.pop("command"), namespace.__dict__.pop("command_parser")
+    return (cli.options.build_options if command == "build" else cli.options.score_options)(namespace, sub)
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": "m", "data": "a.jsonl", "proj-dim": 16, "kind": "gaussian",
+                                  "factored_dims": None, "kernel_weights": "fisher", "batch_size": 2}))
+    options = _parsed(["build", "s", "--config", str(config), "--proj-dim", "32", "--grad-wrt", "x.w"])
+    assert (options.features.proj_dim, options.features.kind, options.features.grad_wrt) == (32, "gaussian", ("x.w",))
+    assert (options.kernel_weights, options.batch_size, options.data, options.store) == ("fisher", 2, ["a.jsonl"], "s")
+    assert options.features.seed == trak_fast.FeatureSettings().seed
+    toml = tmp_path / "score.toml"
+    toml.write_text('lambda_reg = 0.5\nensemble = "trak"\ntop_k = 7\ndata = ["q.csv"]\n')
+    options = _parsed(["score", "s", "--config", str(toml), "--lambda-reg", "2"])
+    assert options.scoring == {"lambda_reg": 2.0, "ensemble": "trak"} and options.top_k == 7

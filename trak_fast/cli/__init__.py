@@ -46,12 +46,14 @@ def parser() -> argparse.ArgumentParser:
         description="Featurize a training set with each checkpoint and finalize the kernels.",
         epilog=BUILD_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_build_flags(build)
+    build.set_defaults(command_parser=build)
     score = commands.add_parser(
         "score", help="score a query set against a store; top-k proponents as JSONL",
         description="Featurize a query set, score it against a store made by build, and "
         "optionally write each query's top-k proponents and opponents.",
         epilog=SCORE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_score_flags(score)
+    score.set_defaults(command_parser=score)
     commands.add_parser("info", help="versions, CUDA build and GPU")
     commands.add_parser("demo", help="the LDS demo on digits (demo --help for its options)")
     return top
@@ -80,10 +82,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .options import build_options, score_options
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = parser()
-    namespace = top.parse_args(argv)
-    command = namespace.__dict__.pop("command")
-    sub = top._subparsers._group_actions[0].choices[command]
+    if argv and argv[0] in ("info", "demo"):
+        from ..__main__ import main as package_main
+
+        return package_main(argv)
+    namespace = parser().parse_args(argv)
+    command, sub = namespace.__dict__.pop("command"), namespace.__dict__.pop("command_parser", None)
+    if sub is None:
+        parser().print_help()
+        return 2
     started = False
     try:
         if command == "build":

@@ -227,7 +227,20 @@ def _merged(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> D
     for key in ("data", "checkpoint", "grad_wrt"):
         if isinstance(config.get(key), str):
             config[key] = [config[key]]
-    return {**config, **given}
+        if key in config and not (isinstance(config[key], list)
+                                  and all(isinstance(v, str) for v in config[key])):
+            raise CLIError(f"--config {namespace.config!r}: {key} must be a string or a list of "
+                           f"strings, got {config[key]!r}")
+    merged = {**config, **given}
+    if not isinstance(merged.get("progress", True), bool):
+        raise CLIError(f"--config {namespace.config!r}: progress must be true or false, got "
+                       f"{merged['progress']!r}")
+    for key in ("store", "model", "split", "text_column", "prompt_column", "completion_column",
+                "tokenizer", "device", "name", "top_k_file", "attn_implementation"):
+        if key in merged and not isinstance(merged[key], str):
+            raise CLIError(f"--config {namespace.config!r}: {key} must be a string, got "
+                           f"{merged[key]!r}")
+    return merged
 
 
 def _settings(cls, values: Dict[str, Any]):
@@ -241,10 +254,9 @@ def _settings(cls, values: Dict[str, Any]):
 def build_options(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildOptions:
     values = _merged(namespace, parser)
     features = {k: values.pop(k) for k in FEATURE_FIELDS if k in values}
-    if "factored_dims" in features:
-        features["factored_dims"] = tuple(features["factored_dims"])
-    if "grad_wrt" in features:
-        features["grad_wrt"] = tuple(features["grad_wrt"])
+    for key in ("factored_dims", "grad_wrt"):
+        if isinstance(features.get(key), list):
+            features[key] = tuple(features[key])
     options = BuildOptions(**values, features=_settings(FeatureSettings, features))
     _settings(ScoreSettings, {"kernel": options.kernel, "kernel_weights": options.kernel_weights})
     for name in ("store", "model"):
@@ -265,7 +277,8 @@ def score_options(namespace: argparse.Namespace, parser: argparse.ArgumentParser
         raise CLIError("score needs the store directory that build made")
     if not options.data:
         raise CLIError("score needs --data (the query set)")
-    if options.top_k is not None and options.top_k < 1:
+    if options.top_k is not None and (isinstance(options.top_k, bool)
+                                      or not isinstance(options.top_k, int) or options.top_k < 1):
         raise CLIError(f"--top-k must be a positive number of training examples, got {options.top_k}")
     _check_sizes(options)
     return options
