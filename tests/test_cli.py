@@ -367,3 +367,20 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     toml.write_text('lambda_reg = 0.5\nensemble = "trak"\ntop_k = 7\ndata = ["q.csv"]\n')
     options = _parsed(["score", "s", "--config", str(toml), "--lambda-reg", "2"])
     assert options.scoring == {"lambda_reg": 2.0, "ensemble": "trak"} and options.top_k == 7
+
+
+def test_interrupted_score_resumes_with_the_targets_it_kept(files, gpt2_run, monkeypatch):
+    calls = []
+    original = trak_fast.TRAK.featurize_targets
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(kwargs["model_id"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt     # Ctrl-C while the second checkpoint's targets are made
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(trak_fast.TRAK, "featurize_targets", interrupted)
+    args = ["score", gpt2_run, "--data", files["queries"], "--name", "resumed", "--no-progress"]
+    assert run(*args) == 130
+    assert run(*args) == 0 and calls == [0, 1, 1]       # checkpoint 0's targets were kept
+    np.testing.assert_array_equal(np.load(gpt2_run / "experiment_resumed" / "scores.npy"),
+                                  np.load(gpt2_run / "experiment_queries" / "scores.npy"))
