@@ -22,7 +22,8 @@ from .ops import Projector, model_seed, project, projection_matrix
 from .settings import DEFAULT_LAMBDA_REL, FeatureSettings, ScoreSettings
 from .features import (ClassificationTask, Features, Featurizer, LanguageModelingTask,
                        RegressionTask, Task, featurize, target_features)
-from .scoring import Kernel, RegularizedInverse, compute_kernel, kernel_matrix, model_scores
+from .scoring import (Kernel, RegularizedInverse, TopK, compute_kernel, kernel_matrix, model_scores,
+                      top_k)
 from .pipeline import (STORE_FORMAT_VERSION, TRAK, ExampleMismatchError, StoreBusyError,
                        StoreMismatchError, attribute)
 
@@ -35,7 +36,7 @@ __all__ = [
     "Task", "ClassificationTask", "RegressionTask", "LanguageModelingTask",
     "featurize", "target_features", "Features", "Featurizer",
     "kernel_matrix", "compute_kernel", "Kernel", "RegularizedInverse", "DEFAULT_LAMBDA_REL",
-    "model_scores",
+    "model_scores", "top_k", "TopK",
     "STORE_FORMAT_VERSION", "StoreMismatchError", "StoreBusyError", "ExampleMismatchError",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trak_fast info`` and ``python -m trak_fast demo [options]``."""
+"""Command line: ``python -m trak_fast {build,score,info,demo}`` (build and score: :mod:`trak_fast.cli`)."""
 from __future__ import annotations
 
 import sys
@@ -36,19 +36,18 @@ def info() -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m trak_fast {info,demo} [options]   (demo --help lists the demo's options)"
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "info":
+    if argv and argv[0] == "info":
         return info()
-    if command == "demo":
+    if argv and argv[0] == "demo":
         from trak_fast.eval import demo
 
-        return demo.main(rest)
-    print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
-    return 2
+        return demo.main(argv[1:])
+    from trak_fast import cli
+
+    if not argv:
+        cli.parser().print_help()
+        return 2
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The steps mirror MadryLab's ``TRAKer``::
     for model_id, checkpoint in enumerate(checkpoints):
         trak.featurize_targets("val", checkpoint, val_loader, model_id=model_id)
     scores = trak.score("val")                                          # [n, t], saved
+    best = trak.top_k("val", 5)           # 5 proponents and opponents per target, blockwise
 
 Differences from ``TRAKer``: the model is never modified (checkpoints are applied
 functionally); an interrupted ``featurize`` resumes where it stopped and gives bitwise the
@@ -50,6 +51,7 @@ from ..features.tasks import Task, get_task
 from ..scoring.kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
                               kernel_row_weights)
 from ..scoring.scores import add_checkpoint_scores, finish_ensemble
+from ..scoring.top_k import TopK, top_k
 from ..settings import FeatureSettings, ScoreSettings, feature_settings, score_settings
 from . import checks, distributed
 from .fingerprint import Ledger, check_rows, checkpoint_fingerprint
@@ -409,6 +411,17 @@ class TRAK:
         if experiment is None or experiment["scores"] is None:
             raise ValueError(f"experiment {name!r} has no scores; call score({name!r}) first")
         return np.load(self.store.scores_path(name), mmap_mode="r")
+
+    def top_k(self, name: str, k: int, *, block_rows: Optional[int] = None) -> TopK:
+        """The ``k`` strongest proponents and opponents of each target of experiment ``name``.
+
+        Reads the saved scores (:meth:`score` first) in blocks of rows, one pass, keeping a
+        running top-``k`` per target: memory ``O(t * (k + block_rows))``, independent of the
+        number of train rows. Returns :class:`~trak_fast.scoring.TopK`, ``[t, k]`` tensors:
+        ``proponents[j]`` the train indices with the largest scores for target ``j`` (best
+        first), ``opponents[j]`` those with the smallest, and their scores.
+        """
+        return top_k(self.load_scores(name), k, block_rows=block_rows)
 
     @property
     def model_ids(self) -> List[int]:
