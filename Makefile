@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.14.1 numpy ninja pybind11 setuptools wheel tqdm pytest traker==0.3.2 scikit-learn scipy matplotlib dattri==0.3.0 transformers==5.24.0
+DEPS := torch==2.14.1 numpy ninja pybind11 setuptools wheel tqdm pytest traker==0.3.2 scikit-learn scipy matplotlib dattri==0.3.0 transformers==5.24.0 datasets==5.2.0
 STAMP := $(VENV)/.deps-$(shell echo '$(DEPS)' | sha1sum | cut -c1-12)
 # torch's toolkit detection can pick /usr/local; point it at the real toolkit when present.
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
