@@ -111,6 +111,8 @@ _SCORE_FLAGS = {
     "kernel": dict(choices=["full", "per_layer"], help="one kernel, or one per layer [full]"),
     "kernel_weights": dict(choices=["none", "out_to_loss", "fisher"],
                            help="row weights of the kernel [out_to_loss]"),
+    "curvature": dict(choices=["kernel", "fisher"],
+                      help="TRAK's kernel, or the sampled-label Fisher (not in stores yet) [kernel]"),
 }
 assert set(_FEATURE_FLAGS) == set(FEATURE_FIELDS) and set(_SCORE_FLAGS) == set(SCORE_FIELDS)
 
