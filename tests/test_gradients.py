@@ -180,6 +180,21 @@ class TiedToUnsupported(nn.Module):
         return self.head(torch.tanh(self.twice(torch.tanh(self.a(x)))))
 
 
+class Gate(nn.Module):
+    """A layer no adapter knows (its parameter takes the vmap path and has no factored form);
+    ``branch=True`` adds data-dependent control flow, which vmap cannot run."""
+
+    def __init__(self, branch: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(10))
+        self.branch = branch
+
+    def forward(self, x):
+        if self.branch and (x > 0).any():
+            return x * self.scale
+        return x if self.branch else x * self.scale
+
+
 def test_plan_tied_and_unsupported_parameters(data):
     model = tiny_gpt2()
     f = Featurizer(model, model.state_dict(), task=NextTokenMargin(), proj_dim=8)
@@ -379,13 +394,6 @@ def test_factored_parameter_selection_and_errors(data, caplog):
     assert f.num_features == f.layout[-1].stop == sum(widths.values())
     assert not caplog.records                     # nothing left out, nothing to warn about
 
-    class Gate(nn.Module):                        # no adapter: no factored form
-        def __init__(self):
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(10))
-
-        def forward(self, x):
-            return x * self.scale
     gated = nn.Sequential(nn.Linear(64, 10), Gate())
     with pytest.raises(ValueError, match=r"no factored form for \['1.scale'\]"):
         Featurizer(gated, gated.state_dict(), projection="factored", grad_wrt=["1.scale", "0.weight"])
@@ -511,13 +519,6 @@ def test_gradient_paths_are_reported(data, caplog):
     assert any("per-example gradients: hooks: %d parameters (100.0%%)" % len(names)
                in r.getMessage() for r in caplog.records)
 
-    class Gate(nn.Module):                        # no adapter: vmap, and no factored form
-        def __init__(self):
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(10))
-
-        def forward(self, x):
-            return x * self.scale
     gated = nn.Sequential(nn.Linear(64, 10), Gate())
     batches = digits.batches(*data[:2])
     assert featurize(gated, gated.state_dict(), batches, proj_dim=8).paths == {
@@ -527,17 +528,8 @@ def test_gradient_paths_are_reported(data, caplog):
 
 
 def test_vmap_failure_names_the_parameters_and_the_ways_out(data):
-    class Gate(nn.Module):              # no adapter: its parameter takes the vmap path
-        def __init__(self):
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(10))
 
-        def forward(self, x):
-            if (x > 0).any():           # data-dependent control flow: vmap cannot run it
-                x = x * self.scale
-            return x
-
-    model = nn.Sequential(nn.Linear(64, 10), Gate())
+    model = nn.Sequential(nn.Linear(64, 10), Gate(branch=True))
     with pytest.raises(RuntimeError, match=r"1 parameters have no hook adapter and take the vmap "
                        r"path \(\['1.scale'\]\).*grad_wrt=") as info:
         featurize(model, model.state_dict(), digits.batches(*data[:2]), proj_dim=8)
