@@ -25,8 +25,10 @@ _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 #: Files that make up a saved tokenizer (their bytes are its fingerprint).
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece",
                     "sentencepiece")
-#: Attention implementation for Hugging Face models: eager attention, because the SDPA mask
-#: builder of transformers branches on the mask's values, which torch.func.vmap cannot trace.
+#: Attention implementation for Hugging Face models: eager attention. Every parameter of the
+#: common families takes the hook path, where SDPA works too, but a parameter no adapter owns
+#: (BertLMHeadModel's prediction bias, registered outside its Linear as well) takes vmap, which
+#: cannot trace transformers' SDPA mask code. --attn-implementation sdpa where that is known safe.
 DEFAULT_ATTENTION = "eager"
 
 
