@@ -6,13 +6,18 @@ MASTER_ADDR, MASTER_PORT in the environment; WORLD_SIZE=1 runs without a process
 MODE: "pipeline" (TRAK featurize, finalize, targets, score, then attribute), "kill" (rank 1
 SIGKILLs itself in the middle of featurize), "resume" (featurize only), "errors" (rank 1
 passes another proj_dim, then each rank gets its own store directory, then a loader one
-batch short of train_size: all must raise).
+batch short of train_size: all must raise), "release" (trak_fast's collectives, recording the
+tensors given to gloo: does gloo still hold any when they return? are the groups freed by
+destroy_process_group?).
+Every mode ends as a user's script would: destroy_process_group(), then a normal exit.
 The digits split is read from OUT/data.pt (written by the test: no scikit-learn import here).
 """
 import datetime
+import gc
 import os
 import signal
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -21,7 +26,9 @@ torch.set_num_threads(1)
 
 import torch.distributed as dist  # noqa: E402
 
-from trak_fast import TRAK, attribute, digits  # noqa: E402
+from trak_fast import TRAK, attribute  # noqa: E402
+from trak_fast.eval import digits  # noqa: E402
+from trak_fast.pipeline import distributed  # noqa: E402
 from trak_fast.pipeline.distributed import DistributedError  # noqa: E402
 
 N_TRAIN, N_TARGETS, BATCH, PROJ_DIM, HIDDEN = 120, 10, 10, 32, 16
@@ -38,7 +45,46 @@ def write_data(out):
     torch.save(digits.load_digits(N_TRAIN, N_TARGETS), os.path.join(out, "data.pt"))
 
 
+def release(rank, world):
+    """Prints how many of the tensors trak_fast's collectives gave gloo were still alive when
+    gather() / all_reduce_sum() returned (trak_fast drops its own: only gloo's worker thread can
+    hold them then), and whether destroy_process_group() freed the process groups."""
+    seen = []      # weak references: the count of references gloo's release is waited on
+
+    def recording(real):
+        def collective(*args, **kwargs):
+            for arg in args:
+                seen.extend(weakref.ref(t) for t in (arg if isinstance(arg, list) else [arg]))
+            return real(*args, **kwargs)
+        return collective
+
+    module = dist.distributed_c10d      # all_gather_object calls this module's all_gather
+    for name in ("all_gather", "all_reduce"):
+        wrapped = recording(getattr(module, name))
+        setattr(module, name, wrapped)
+        setattr(dist, name, wrapped)
+    held = given = 0
+    for i in range(100):
+        obj = (rank, i, "x" * (i * rank))
+        assert distributed.gather(obj, "test") == [(r, i, "x" * (i * r)) for r in range(world)]
+        if i % 10 == 0:
+            summed = distributed.all_reduce_sum(torch.full((3,), float(rank + 1)), "test")
+            assert summed.tolist() == [world * (world + 1) / 2] * 3, summed
+            del summed     # the tensor given to gloo (on the CPU, all_reduce_sum returns it)
+        held += sum(t() is not None for t in seen)
+        given += len(seen)
+        seen.clear()
+    print(f"held after return: {held} of {given}", flush=True)
+    groups = [weakref.ref(dist.group.WORLD), weakref.ref(distributed._group())]
+    dist.destroy_process_group()
+    gc.collect()
+    print(f"groups alive after destroy_process_group: {sum(g() is not None for g in groups)}",
+          flush=True)
+
+
 def run(mode, store, out, rank=0, world=1):
+    if mode == "release":
+        return release(rank, world)
     model, checkpoints, train, targets = problem(out)
     if mode == "errors":
         for what, proj_dim, where in (("mismatch", PROJ_DIM + 8 * rank, store),
@@ -84,9 +130,5 @@ if __name__ == "__main__":
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     run(sys.argv[1], sys.argv[2], sys.argv[3], rank, world)
-    # Every rank done, then exit without tearing the gloo group down: destroy_process_group
-    # while the other rank closes its connections sometimes aborts in gloo ("terminate called
-    # without an active exception"), after all work and outputs are finished.
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -32,14 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(mode, store, out, world):
+def start(mode, store, out, world, **extra_env):
     """Starts WORLD ranks of the worker (a process group on a free port)."""
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
         procs.append(subprocess.Popen([sys.executable, WORKER, mode, str(store), str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -76,6 +76,10 @@ def runs(tmp_path_factory):
         folder = tmp_path_factory.mktemp(mode)
         shutil.copy(single / "data.pt", folder / "data.pt")
         started[mode] = (folder, start(mode, folder / "store", folder, 2))
+    # The control messages on the default gloo group, then on a gloo group of trak_fast's own.
+    started["release"] = (None, start("release", "-", "-", 2))
+    started["release_own_group"] = (None, start("release", "-", "-", 2,
+                                                TRAK_FAST_DIST_TIMEOUT="60"))
     distributed_worker.run("pipeline", single / "store", single)
     return single, started
 
@@ -149,6 +153,7 @@ def test_sigkill_of_one_rank_then_resume_with_two_or_one_ranks(runs, reference, 
     assert results[0][0] != 0                        # rank 0 failed instead of hanging
     assert "DistributedError" in results[0][1] and "featurize model_id 0" in results[0][1], \
         results[0][1][-2000:]
+    assert "rank 1 of 2 did not answer" in results[0][1], results[0][1][-2000:]  # not an address
     finished = np.load(store / "model_0" / "finished.npy")
     assert 0 < finished.sum() < len(finished)        # some rows of both ranks, not all
     assert finished[10:20].all() and finished[30:40].all() and not finished[70:80].any()
@@ -162,6 +167,21 @@ def test_sigkill_of_one_rank_then_resume_with_two_or_one_ranks(runs, reference, 
         for model_id in (0, 1):
             for a, b in zip(_features(reference / "store", model_id), _features(resumed, model_id)):
                 np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["release", "release_own_group"])
+def test_collectives_return_only_after_gloo_let_go_of_their_tensors(runs, mode):
+    """A gloo worker thread that drops a tensor Python has seen takes the GIL; if the
+    interpreter is exiting by then the process aborts ("terminate called without an active
+    exception") after a finished job. So when gather() / all_reduce_sum() return, none of the
+    tensors they gave gloo may still be alive, and destroy_process_group() must free the groups
+    (joining their threads) rather than trak_fast keeping them to the interpreter's exit."""
+    results = finish(runs[1][mode][1])
+    ok(results)      # every rank also ended with destroy_process_group() and a normal exit
+    for rank, (_, output) in enumerate(results):
+        lines = dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
+        assert lines["held after return"] == "0 of 610", output
+        assert lines["groups alive after destroy_process_group"] == "0", output
 
 
 def test_ranks_with_other_settings_or_unshared_store_raise(runs):

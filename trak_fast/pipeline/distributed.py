@@ -30,13 +30,26 @@ gloo, otherwise one created on first use): NCCL jobs use the same code, and feat
 scores are exchanged through CPU memory. Its timeout is ``TRAK_FAST_DIST_TIMEOUT`` seconds
 (default: the default group's, ``init_process_group(timeout=...)``): a step waits at most that
 long for the slowest rank.
+
+Exiting. A gloo worker thread drops a collective's tensors some time after the collective
+completed; a tensor that Python has seen needs the GIL for that, and a thread that asks for the
+GIL while the interpreter is finalizing kills the process (``terminate called without an active
+exception``, exit 1, after the job's work was done). So every collective here runs on tensors
+this module owns, and returns only once gloo has let go of all of them (:func:`_collective`);
+and no process group is kept alive here (``destroy_process_group`` really destroys it, joining
+its threads).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+import pickle
+import sys
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,33 +100,117 @@ def local_device(device: torch.device, requested: Any) -> torch.device:
     return device
 
 
-_GROUPS: Dict[int, Any] = {}
+# (weak reference to the default group, weak reference to the gloo group made for it): no
+# strong reference, so that destroy_process_group() frees the groups and joins their threads.
+_GROUP: Tuple[Any, Any] = (lambda: None, lambda: None)
 
 
 def _group() -> Any:
     """The gloo group for control messages and CPU tensors (created once per default group)."""
-    key = id(dist.group.WORLD)
-    if key not in _GROUPS:
-        seconds = os.environ.get("TRAK_FAST_DIST_TIMEOUT")
+    global _GROUP
+    world_group = dist.group.WORLD
+    seconds = os.environ.get("TRAK_FAST_DIST_TIMEOUT")
+    if dist.get_backend() == "gloo" and seconds is None:
+        return world_group
+    made_for, group = _GROUP[0](), _GROUP[1]()
+    if made_for is not world_group or group is None:
         timeout = None if seconds is None else datetime.timedelta(seconds=float(seconds))
-        if dist.get_backend() == "gloo" and timeout is None:
-            _GROUPS[key] = dist.group.WORLD
-        else:
-            _GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
-    return _GROUPS[key]
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        _GROUP = (weakref.ref(world_group), weakref.ref(group))
+    return group
+
+
+# How long a collective waits, after it completed, for gloo to drop its tensors (once that
+# wait ran out, no later collective waits: this torch keeps them for some other reason).
+_RELEASE_SECONDS = 30.0
+_RELEASE_WAIT = True
+
+
+def _collective(function: Callable[..., Any], tensors: Sequence[torch.Tensor], what: str,
+                *args: Any, **kwargs: Any) -> None:
+    """``function(*args, group=..., **kwargs)`` (a blocking ``torch.distributed`` collective on
+    ``tensors``), returning only once gloo's worker thread has dropped its references to them.
+
+    The worker thread releases a finished collective after the caller has been woken. A tensor
+    Python has seen holds one reference to its Python object for as long as C++ holds it, so
+    releasing it takes the GIL, and a thread that takes the GIL while the interpreter exits is
+    killed, which aborts the process. Waiting here (the GIL released) until every tensor's
+    Python reference count is back where it was means that gloo holds nothing of ours once the
+    collective returns, whatever the caller does next (including exiting at once). With a torch
+    whose C++ references do not show in the Python count, the wait ends at once. A failed
+    collective raises without waiting (its traceback holds references to the tensors).
+    """
+    global _CALLS, _RELEASE_WAIT
+    _CALLS += 1
+    before = _references(tensors)
+    try:
+        function(*args, group=_group(), **kwargs)
+    except RuntimeError as exc:      # a peer died or timed out
+        raise DistributedError(f"{what}: lost contact with the other ranks: {_roll_call()} "
+                               f"(gloo: {exc}); see the other ranks' errors") from exc
+    deadline, pause = time.monotonic() + _RELEASE_SECONDS, 1e-4
+    while _RELEASE_WAIT and _references(tensors) != before:
+        if time.monotonic() > deadline:
+            _RELEASE_WAIT = False
+            warnings.warn(f"{what}: torch.distributed still holds the tensors of a collective "
+                          f"{_RELEASE_SECONDS:g} s after it completed; trak_fast no longer waits "
+                          "for their release (an exit right after a collective may abort)")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
+
+
+# Collectives issued so far (the same count on every rank: they all issue the same ones).
+_CALLS = 0
+# How long a rank whose collective failed waits for the others to answer the roll call.
+_ROLL_CALL_SECONDS = 5.0
+
+
+def _roll_call() -> str:
+    """Which ranks are gone, after a failed collective: every rank that got as far writes its
+    rank under a key for this collective in the rendezvous store; the ranks whose key does not
+    appear within ``_ROLL_CALL_SECONDS`` are named (gloo's error names only an address)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        key = f"trak_fast/roll_call/{_CALLS}/"
+        store.set(key + str(rank()), "here")
+        deadline = time.monotonic() + _ROLL_CALL_SECONDS
+        while True:
+            missing = [r for r in range(world()) if r != rank() and not store.check([key + str(r)])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    except Exception as exc:   # noqa: BLE001 - the store's host (rank 0 without torchrun) died
+        return (f"rank {rank()} cannot reach the rendezvous store either ({type(exc).__name__}: "
+                f"{exc}), so the rank that hosts it (rank 0 when started without torchrun) "
+                "probably died")
+    if not missing:
+        return f"every rank of {world()} answered the roll call (a connection failed)"
+    listed = ", ".join(str(r) for r in missing)
+    return (f"rank{'s' if len(missing) > 1 else ''} {listed} of {world()} did not answer within "
+            f"{_ROLL_CALL_SECONDS:g} s (died, or still busy)")
+
+
+def _references(tensors: Sequence[torch.Tensor]) -> List[int]:
+    return [sys.getrefcount(t) for t in tensors]
 
 
 def gather(obj: Any, what: str = "exchanging data") -> List[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a group)."""
     if not active():
         return [obj]
-    out: List[Any] = [None] * world()
-    try:
-        dist.all_gather_object(out, obj, group=_group())
-    except RuntimeError as exc:      # a peer died or timed out
-        raise DistributedError(f"{what}: lost contact with the other ranks ({exc}); see the "
-                               "other ranks' errors") from exc
-    return out
+    # all_gather_object, on tensors made and held here (see _collective): the pickled sizes,
+    # then the pickles padded to the longest.
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world())]
+    _collective(dist.all_gather, sizes + [size], what, sizes, size)
+    longest = max(int(s) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine.numpy()[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+    del payload
+    everyone = [torch.empty(longest, dtype=torch.uint8) for _ in range(world())]
+    _collective(dist.all_gather, everyone + [mine], what, everyone, mine)
+    return [pickle.loads(memoryview(t.numpy())[:int(s)]) for t, s in zip(everyone, sizes)]
 
 
 @contextlib.contextmanager
@@ -169,10 +266,7 @@ def all_reduce_sum(tensor: torch.Tensor, what: str) -> torch.Tensor:
     if not active():
         return tensor
     cpu = tensor.detach().cpu().contiguous()
-    try:
-        dist.all_reduce(cpu, op=dist.ReduceOp.SUM, group=_group())
-    except RuntimeError as exc:
-        raise DistributedError(f"{what}: lost contact with the other ranks ({exc})") from exc
+    _collective(dist.all_reduce, [cpu], what, cpu, op=dist.ReduceOp.SUM)
     return cpu.to(tensor.device)
 
 
