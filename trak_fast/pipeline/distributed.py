@@ -18,11 +18,12 @@ Who does what, with ``W`` ranks:
 - metadata and whole-file writes: rank 0 only, between steps.
 
 Steps. Work is done in :func:`step` blocks: every rank runs the block, then all of them
-exchange "ok" or their error's message (one ``all_gather_object``). If any rank failed, every
+exchange "ok" or their error's message (one :func:`gather`). If any rank failed, every
 rank raises: the failing rank its own exception, the others :class:`DistributedError` naming
 the rank and its message. So a rank never waits forever for another that failed, and no rank
 goes on to read what a failed one did not write. A rank that died (SIGKILL, out of memory)
-breaks the connection, which the survivors' next step reports as a :class:`DistributedError`.
+breaks the connection, which the survivors' next step reports as a :class:`DistributedError`
+naming the ranks that did not answer a roll call in the rendezvous store.
 No collective is ever issued inside a loop over batches, so ranks cannot get out of step.
 
 The control messages go over a gloo group on the CPU (the default group itself when it is
