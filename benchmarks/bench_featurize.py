@@ -1,6 +1,6 @@
 """Featurizing GPT-2 language models: the gradient paths against one plain forward+backward pass.
 
-For GPT-2 models built from ``GPT2Config`` (random init, nothing downloaded; SDPA attention, no
+For GPT-2 models built from ``GPT2Config`` (random init, nothing downloaded; SDPA attention (eager for vmap_dense, which has no batching rule for SDPA), no
 attention mask: unpadded batches of fixed length 128), in one run:
 
 - ``vmap_dense``: ``gradients="vmap"``, dense projection, ``proj_dim = 2048``;
@@ -108,14 +108,15 @@ class NextTokenMargin(Task):
         return self._margins(logits, ids), self._q(logits, ids)
 
 
-def make_model(size: str, device: str):
+def make_model(size: str, device: str, attention: str = "sdpa"):
     import transformers
 
     transformers.logging.set_verbosity_error()
     n_layer, n_embd, n_head, vocab, n_positions = SIZES[size]
     config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
                                      n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                     attn_implementation=attention)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config).to(device).eval()
 
@@ -212,7 +213,9 @@ def stage_shares(method: str, s: Dict[str, float], total: float) -> Dict[str, fl
 def run_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device, size, method = spec["device"], spec["size"], spec["method"]
-    model = make_model(size, device)
+    # vmap has no batching rule for CPU SDPA (a slow fallback): its rows use eager attention;
+    # --attention eager gives every method eager attention (a like-for-like comparison).
+    model = make_model(size, device, "eager" if method == "vmap_dense" else spec["attention"])
     num_params = sum(p.numel() for p in model.parameters())
     slow = method in SLOW and num_params > SLOW_PARAMS
     batch_size = min(spec["batch_size"], spec["slow_examples"]) if slow else spec["batch_size"]
@@ -457,6 +460,8 @@ def main(argv=None) -> dict:
                         help="batch size of the dense methods above 50M parameters (one timed batch, "
                              "no warm-up: ~10 s per example)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                        help="attention of every method but vmap_dense (always eager) [sdpa]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bergson-bias", action="store_true",
                         help="bergson with include_bias=True (its default is False)")
@@ -471,7 +476,7 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     report = {"device": args.device, "cpu": cpu_model(), "cores": os.cpu_count(),
-              "machine_state": args.machine_state, "torch": torch.__version__, "threads": args.threads,
+              "machine_state": args.machine_state, "torch": torch.__version__, "threads": args.threads, "attention": args.attention,
               "seq_len": SEQ_LEN, "proj_dim": PROJ_DIM, "factored_dims": FACTORED,
               "batch_size": args.batch_size, "batches": args.batches, "slow_examples": args.slow_examples,
               "configs": {s: dict(zip(("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"), v))
@@ -498,6 +503,7 @@ def main(argv=None) -> dict:
         results[size] = {}
         for method in methods:
             spec = dict(size=size, method=method, device=args.device, threads=args.threads,
+                        attention=args.attention,
                         batch_size=args.batch_size, batches=args.batches,
                         slow_examples=args.slow_examples, bergson_bias=args.bergson_bias)
             t0 = time.time()
