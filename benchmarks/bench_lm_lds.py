@@ -250,11 +250,21 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor, n_boot
     predicted = (masks.double() @ scores.double()).numpy()          # [m, t]
     actual = outputs.double().numpy()
     per_target = np.array([spearmanr(predicted[:, t], actual[:, t])[0] for t in range(actual.shape[1])])
-    per_target = per_target[~np.isnan(per_target)]
+    valid = per_target[~np.isnan(per_target)]
     rng = np.random.default_rng(0)
-    boot = per_target[rng.integers(0, len(per_target), (n_boot, len(per_target)))].mean(1)
+    boot = valid[rng.integers(0, len(valid), (n_boot, len(valid)))].mean(1)
     lo, hi = np.quantile(boot, [0.025, 0.975])
-    return float(per_target.mean()), float(lo), float(hi)
+    return float(valid.mean()), float(lo), float(hi), per_target
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000):
+    """Mean of ``a - b`` over targets (per-target LDS of two methods) and its paired 95% interval."""
+    d = np.asarray(a) - np.asarray(b)
+    d = d[~np.isnan(d)]
+    rng = np.random.default_rng(1)
+    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return float(d.mean()), float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +310,10 @@ def method_table(args) -> Dict[str, tuple]:
     table["Fisher full kernel[dense] c=0.1"] = (
         lambda ck: L.preconditioned_scores(ck, "dense", "fisher", 0.1, per_layer=False),
         "sampled-label Fisher on trak_fast's default dense k=2048 features")
+    for space in ("factored", "per_layer", "raw"):
+        table[f"Fisher[{space}] c=0.1, 4 label draws"] = (
+            lambda ck, space=space: L.preconditioned_scores(ck, space, "fisher", 0.1, draws=4),
+            "the Fisher from 4 independent label draws per sequence (4 backward passes)")
     for space in ("factored", "per_layer"):
         table[f"Fisher[{space}] c=0.1, TRAK train rows"] = (
             lambda ck, space=space: L.preconditioned_scores(ck, space, "fisher", 0.1, train_kind="margin"),
@@ -367,8 +381,9 @@ def run(args) -> dict:
             s = torch.stack([p[0] for p in parts]).mean(0)
             if parts[0][1] is not None:
                 s = s * torch.stack([p[1] for p in parts]).mean(0)[:, None]
-            mean, lo, hi = lds(s, masks, outputs)
-            row[f"lds_M{M}"] = {"lds": mean, "ci_low": lo, "ci_high": hi}
+            mean, lo, hi, per_target = lds(s, masks, outputs)
+            row[f"lds_M{M}"] = {"lds": mean, "ci_low": lo, "ci_high": hi,
+                                "per_target": [None if np.isnan(v) else round(float(v), 5) for v in per_target]}
         rows.append(row)
         print(f"{name:48s} M=1 {row['lds_M1']['lds']:.3f}  M={args.models} "
               f"{row[f'lds_M{args.models}']['lds']:.3f} [{row[f'lds_M{args.models}']['ci_low']:.3f}, "
@@ -393,16 +408,29 @@ def run(args) -> dict:
     }
 
 
+REFERENCES = ("grad dot (raw)", "kronfluence 1.0.1 EK-FAC")
+
+
 def print_table(report: dict) -> None:
     M = report["settings"]["models"]
+    refs = {r["method"]: np.array([np.nan if v is None else v for v in r[f"lds_M{M}"]["per_target"]])
+            for r in report["rows"] if r["method"] in REFERENCES and "per_target" in r[f"lds_M{M}"]}
     print(f"\nLM LDS, GPT-2 {report['settings']['size']} ({report['model_params']:,} params), "
           f"{report['settings']['subsets']} half subsets, {report['settings']['n_targets']} targets"
           + (", completion-only loss" if report["settings"]["prompt_len"] else ""))
-    print(f"{'method':50s} {'LDS M=1':>8s} {'LDS M=' + str(M):>22s} {'s/model':>8s}")
+    print(f"{'method':50s} {'LDS M=1':>8s} {'LDS M=' + str(M):>22s} {'s/model':>8s}"
+          + "".join(f"  {'- ' + name[:14]:>24s}" for name in refs))
     for row in sorted(report["rows"], key=lambda r: -r[f"lds_M{M}"]["lds"]):
         a, b = row["lds_M1"], row[f"lds_M{M}"]
+        diffs = ""
+        if "per_target" in b:
+            mine = np.array([np.nan if v is None else v for v in b["per_target"]])
+            for name, ref in refs.items():
+                d, lo, hi = paired_difference(mine, ref)
+                row.setdefault("paired_difference_M%d" % M, {})[name] = {"mean": d, "ci_low": lo, "ci_high": hi}
+                diffs += f"  {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         print(f"{row['method']:50s} {a['lds']:8.3f} {b['lds']:7.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] "
-              f"{row['seconds_per_model']:8.2f}")
+              f"{row['seconds_per_model']:8.2f}{diffs}")
 
 
 def parse_args(argv=None):
@@ -434,10 +462,21 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    print_table(report)
     out = args.out or RESULTS / ("bench_lm_lds" + ("" if args.size == "small" else f"_{args.size}")
                                  + ("_completion" if args.completion else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.exists():      # a partial run adds its rows to the full run's file
+        old = json.loads(out.read_text())
+        same = {k: v for k, v in old["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads")} == \
+               {k: v for k, v in report["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads")}
+        if same:
+            names = {row["method"] for row in report["rows"]}
+            report["rows"] = [r for r in old["rows"] if r["method"] not in names] + report["rows"]
+            report["partial_runs"] = old.get("partial_runs", []) + [{"only": args.only, "machine": report["machine"],
+                                                                     "feature_seconds": report["feature_seconds"]}]
+            for key in ("feature_seconds", "machine", "total_seconds"):
+                report[key] = old[key]
+    print_table(report)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
     return report

@@ -134,9 +134,10 @@ class Checkpoint:
             elif kind == "loss":
                 feats = trak_fast.featurize(self.model, self.checkpoint, self.train,
                                             task=LogProbTask(), out_to_loss=False, **kwargs)
-            elif kind == "fisher":
+            elif kind.startswith("fisher"):      # "fisher" (fisher_draws draws) or "fisher<d>"
+                draws = int(kind[6:]) if kind[6:] else self.fisher_draws
                 parts = []
-                for draw in range(self.fisher_draws):
+                for draw in range(draws):
                     sampled = sampled_label_batches(self.model, self.checkpoint, self.train,
                                                     seed=1_000 * self.model_id + draw)
                     parts.append(trak_fast.featurize(self.model, self.checkpoint, sampled,
@@ -230,10 +231,11 @@ class LayerSolver:
 
 
 def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher", c: float = 0.1,
-                          per_layer: bool = True, train_kind: str = "loss", unit_train: str = "none"):
+                          per_layer: bool = True, train_kind: str = "loss", unit_train: str = "none",
+                          draws: Optional[int] = None):
     """``S = sum_l g_l (F_l + lambda_l I)^-1 phi_{z,l}^T`` with ``F`` from ``curvature``:
 
-    ``"fisher"`` (sampled labels), ``"empirical"`` (true-label loss gradients, the empirical
+    ``"fisher"`` (sampled labels; ``draws`` label draws per sequence), ``"empirical"`` (true-label loss gradients, the empirical
     Fisher) or ``"trak"`` (``Q``-weighted margin features: ``sqrt(Q_i) phi_i``, TRAK's kernel / n).
     ``unit_train``: ``"unit"`` divides each train row by ``||g_i||``, ``"metric"`` by
     ``sqrt(g_i^T (F + lambda)^-1 g_i)``.
@@ -246,7 +248,7 @@ def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher",
         feats = ck.get(space, "margin")
         g, q = feats.phi, feats.out_to_loss.double()
     if curvature == "fisher":
-        x = ck.get(space, "fisher").phi
+        x = ck.get(space, "fisher" if draws is None else f"fisher{draws}").phi
     elif curvature == "empirical":
         x = ck.get(space, "loss").phi
     elif curvature == "trak":
