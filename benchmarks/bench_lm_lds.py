@@ -290,38 +290,51 @@ def method_table(args) -> Dict[str, tuple]:
     if not args.no_kronfluence:
         table["kronfluence 1.0.1 EK-FAC"] = (lambda ck: L.kronfluence_scores(ck, kf_dir),
             "strategy='ekfac', sampled-label Fisher factors, damping_factor=None (0.1 x mean eigenvalue)")
-    for space in ("factored", "per_layer", "raw"):
-        for c in args.dampings:
-            table[f"Fisher[{space}] c={c:g}"] = (
-                lambda ck, space=space, c=c: L.preconditioned_scores(ck, space, "fisher", c),
-                f"per-layer sampled-label Fisher in the {space} space, lambda_l = c * mean eigenvalue")
-    for space in ("factored", "per_layer"):
-        for c in args.dampings:
-            table[f"TRAK kernel per layer[{space}] c={c:g}"] = (
-                lambda ck, space=space, c=c: L.preconditioned_scores(ck, space, "trak", c, train_kind="margin"),
-                "per-layer Q-weighted margin kernel (TRAK's X^T R X / n), same damping rule, TRAK train rows")
-            table[f"empirical Fisher[{space}] c={c:g}"] = (
-                lambda ck, space=space, c=c: L.preconditioned_scores(ck, space, "empirical", c),
-                "per-layer true-label loss-gradient Fisher")
-        for c in args.dampings:
-            table[f"Fisher full kernel[{space}] c={c:g}"] = (
-                lambda ck, space=space, c=c: L.preconditioned_scores(ck, space, "fisher", c, per_layer=False),
-                "sampled-label Fisher over all columns at once (no block diagonal)")
-    table["Fisher full kernel[dense] c=0.1"] = (
-        lambda ck: L.preconditioned_scores(ck, "dense", "fisher", 0.1, per_layer=False),
-        "sampled-label Fisher on trak_fast's default dense k=2048 features")
-    for space in ("factored", "per_layer", "raw"):
-        table[f"Fisher[{space}] c=0.1, 4 label draws"] = (
-            lambda ck, space=space: L.preconditioned_scores(ck, space, "fisher", 0.1, draws=4),
-            "the Fisher from 4 independent label draws per sequence (4 backward passes)")
-    for space in ("factored", "per_layer"):
-        table[f"Fisher[{space}] c=0.1, TRAK train rows"] = (
-            lambda ck, space=space: L.preconditioned_scores(ck, space, "fisher", 0.1, train_kind="margin"),
-            "train rows Q_i grad(sum margins) instead of the loss gradient")
-        for unit in ("unit", "metric"):
-            table[f"Fisher[{space}] c=0.1, {unit}-norm train"] = (
-                lambda ck, space=space, unit=unit: L.preconditioned_scores(ck, space, "fisher", 0.1, unit_train=unit),
-                f"train rows divided by their {'norm' if unit == 'unit' else '(F+lambda)^-1 norm'}")
+    fisher = lambda space, c, **kw: (lambda ck: L.preconditioned_scores(ck, space, "fisher", c, **kw))
+    # The headline rows (c = 0.1: kronfluence's heuristic damping, fixed before the run; the raw
+    # space's rank-n_f Fisher needs more: c = 1, chosen by the --sweep rows).
+    table.update({
+        "Fisher[factored] c=0.1": (fisher("factored", 0.1),
+            "per-layer sampled-label Fisher, factored 16x16 features, lambda_l = 0.1 x mean eigenvalue"),
+        "Fisher[per_layer] c=0.1": (fisher("per_layer", 0.1),
+            "per-layer sampled-label Fisher, projection='per_layer' k=2048 features"),
+        "Fisher[raw] c=1": (fisher("raw", 1.0),
+            "per-layer sampled-label Fisher on raw gradients (rank n, Woodbury), lambda_l = mean eigenvalue"),
+        "Fisher full kernel[dense] c=0.1": (fisher("dense", 0.1, per_layer=False),
+            "sampled-label Fisher on trak_fast's default dense k=2048 features (one block)"),
+        "Fisher[per_layer] c=0.1, unit-norm train": (fisher("per_layer", 0.1, unit_train="unit"),
+            "train rows divided by their norm"),
+        "TRAK kernel per layer[per_layer] c=0.1": (
+            lambda ck: L.preconditioned_scores(ck, "per_layer", "trak", 0.1, train_kind="margin"),
+            "control: per-layer Q-weighted margin kernel (TRAK's X^T R X / n), same damping rule"),
+        "empirical Fisher[per_layer] c=0.1": (
+            lambda ck: L.preconditioned_scores(ck, "per_layer", "empirical", 0.1),
+            "control: per-layer true-label loss-gradient (empirical) Fisher"),
+    })
+    if args.sweep:
+        for space in ("factored", "per_layer", "raw"):
+            for c in args.dampings:
+                table[f"Fisher[{space}] c={c:g}"] = (fisher(space, c),
+                    f"per-layer sampled-label Fisher in the {space} space, lambda_l = c * mean eigenvalue")
+        for space in ("factored", "per_layer"):
+            for c in args.dampings:
+                table[f"TRAK kernel per layer[{space}] c={c:g}"] = (
+                    lambda ck, space=space, c=c: L.preconditioned_scores(ck, space, "trak", c, train_kind="margin"),
+                    "per-layer Q-weighted margin kernel (TRAK's X^T R X / n), same damping rule, TRAK train rows")
+                table[f"empirical Fisher[{space}] c={c:g}"] = (
+                    lambda ck, space=space, c=c: L.preconditioned_scores(ck, space, "empirical", c),
+                    "per-layer true-label loss-gradient Fisher")
+                table[f"Fisher full kernel[{space}] c={c:g}"] = (fisher(space, c, per_layer=False),
+                    "sampled-label Fisher over all columns at once (no block diagonal)")
+        for space in ("factored", "per_layer", "raw"):
+            table[f"Fisher[{space}] c=0.1, 4 label draws"] = (fisher(space, 0.1, draws=4),
+                "the Fisher from 4 independent label draws per sequence (4 backward passes)")
+        for space in ("factored", "per_layer"):
+            table[f"Fisher[{space}] c=0.1, TRAK train rows"] = (fisher(space, 0.1, train_kind="margin"),
+                "train rows Q_i grad(sum margins) instead of the loss gradient")
+            for unit in ("unit", "metric"):
+                table[f"Fisher[{space}] c=0.1, {unit}-norm train"] = (fisher(space, 0.1, unit_train=unit),
+                    f"train rows divided by their {'norm' if unit == 'unit' else '(F+lambda)^-1 norm'}")
     if args.only:
         table = {k: v for k, v in table.items() if any(s in k for s in args.only.split(","))}
     return table
@@ -450,6 +463,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size-features", type=int, default=64)
     p.add_argument("--fisher-draws", type=int, default=1)
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--sweep", action="store_true",
+                   help="also the damping sweep and the variants (3x the time of the headline rows)")
     p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -467,8 +482,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.only and out.exists():      # a partial run adds its rows to the full run's file
         old = json.loads(out.read_text())
-        same = {k: v for k, v in old["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads")} == \
-               {k: v for k, v in report["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads")}
+        same = {k: v for k, v in old["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads", "sweep")} == \
+               {k: v for k, v in report["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads", "sweep")}
         if same:
             names = {row["method"] for row in report["rows"]}
             report["rows"] = [r for r in old["rows"] if r["method"] not in names] + report["rows"]

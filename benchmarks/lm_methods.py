@@ -324,7 +324,7 @@ def _rows(batches: Sequence[dict]) -> List[dict]:
 
 def kronfluence_scores(ck: Checkpoint, workdir: str, strategy: str = "ekfac",
                        damping_factor: Optional[float] = None, batch_size: int = 64):
-    """kronfluence's pairwise scores ``[n, t]`` for ``ck``: factors fitted on the train set with
+    """Minus kronfluence's pairwise scores ``[n, t]`` for ``ck`` (see the sign note below): factors fitted on the train set with
     labels sampled from the model (the true Fisher, kronfluence's default), query = the summed
     margins of each target, train = the summed loss. ``damping_factor=None``: kronfluence's
     heuristic, 0.1 x the mean eigenvalue (per module)."""
@@ -371,4 +371,7 @@ def kronfluence_scores(ck: Checkpoint, workdir: str, strategy: str = "ekfac",
                                      score_args=ScoreArguments(damping_factor=damping_factor),
                                      overwrite_output_dir=True)
     scores = analyzer.load_pairwise_scores("scores")["all_modules"]      # [t, n]
-    return scores.T.double(), None
+    # kronfluence's score is grad f^T H^-1 grad L_i (L: the train loss); upweighting i moves the
+    # parameters by -H^-1 grad L_i, so the predicted change of f is minus the score. (For a loss
+    # measurement that sign makes "positive = helpful"; for our margin it must be flipped.)
+    return -scores.T.double(), None
