@@ -29,7 +29,9 @@ targets of Spearman (``scipy.stats.spearmanr``) between ``sum_{i in S_j} tau[i, 
 (and the TRAK forms also ``Q_m``); the ensemble over M models is ``mean_m S_m`` (TRAK forms:
 ``mean_m(S_m) * mean_m(Q_m)``, as trak_fast does). "seconds per model" is the wall time of one
 checkpoint's features, curvature and scores (train and targets), averaged over the M = 3 models,
-on this machine in its current state (recorded in the JSON).
+on this machine in its current state (recorded in the JSON); compare times only between rows of
+one run (each row records when its run finished and the load average then). A run's rows replace
+the same rows of an earlier run with the same settings in the JSON; the others are kept.
 
 Writes ``benchmarks/results/bench_lm_lds[_<size>][_completion].json``.
 """
@@ -326,6 +328,11 @@ def method_table(args) -> Dict[str, tuple]:
                     "per-layer true-label loss-gradient Fisher")
                 table[f"Fisher full kernel[{space}] c={c:g}"] = (fisher(space, c, per_layer=False),
                     "sampled-label Fisher over all columns at once (no block diagonal)")
+        for space, c in (("factored32", 0.1), ("factored32", 1.0), ("per_layer4096", 0.1)):
+            table[f"Fisher[{space}] c={c:g}"] = (fisher(space, c),
+                f"per-layer sampled-label Fisher, larger projection ({space})")
+        table["Fisher[factored32] c=0.1, 4 label draws"] = (fisher("factored32", 0.1, draws=4),
+            "32x32 factored features (1056 per layer) need more Fisher rows than 512 sequences")
         for space in ("factored", "per_layer", "raw"):
             table[f"Fisher[{space}] c=0.1, 4 label draws"] = (fisher(space, 0.1, draws=4),
                 "the Fisher from 4 independent label draws per sequence (4 backward passes)")
@@ -388,7 +395,9 @@ def run(args) -> dict:
     rows = []
     for name, (fn, description) in table.items():
         row = {"method": name, "description": description,
-               "seconds_per_model": float(np.mean(seconds[name]))}
+               "seconds_per_model": float(np.mean(seconds[name])),
+               "run": {"finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "load_average_1min": round(os.getloadavg()[0], 1)}}
         for M in (1, args.models):
             parts = per_model[name][:M]
             s = torch.stack([p[0] for p in parts]).mean(0)
@@ -480,17 +489,16 @@ def main(argv=None) -> dict:
     out = args.out or RESULTS / ("bench_lm_lds" + ("" if args.size == "small" else f"_{args.size}")
                                  + ("_completion" if args.completion else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.only and out.exists():      # a partial run adds its rows to the full run's file
+    if out.exists():      # rows of a run replace the same rows of an earlier run with the same settings
         old = json.loads(out.read_text())
         same = {k: v for k, v in old["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads", "sweep")} == \
                {k: v for k, v in report["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads", "sweep")}
         if same:
             names = {row["method"] for row in report["rows"]}
             report["rows"] = [r for r in old["rows"] if r["method"] not in names] + report["rows"]
-            report["partial_runs"] = old.get("partial_runs", []) + [{"only": args.only, "machine": report["machine"],
-                                                                     "feature_seconds": report["feature_seconds"]}]
-            for key in ("feature_seconds", "machine", "total_seconds"):
-                report[key] = old[key]
+            report["earlier_runs"] = old.get("earlier_runs", []) + [
+                {k: old[k] for k in ("machine", "feature_seconds", "total_seconds")}
+                | {"methods": [r["method"] for r in old["rows"] if r["method"] not in names]}]
     print_table(report)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

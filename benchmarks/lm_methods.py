@@ -109,6 +109,8 @@ SPACES = {
     "factored": dict(projection="factored"),
     "per_layer": dict(proj_dim=DENSE_K, projection="per_layer"),
     "raw": dict(proj_dim=None),
+    "factored32": dict(projection="factored", factored_dims=(32, 32)),
+    "per_layer4096": dict(proj_dim=2 * DENSE_K, projection="per_layer"),
 }
 
 
