@@ -331,6 +331,9 @@ def method_table(args) -> Dict[str, tuple]:
         for space, c in (("factored32", 0.1), ("factored32", 1.0), ("per_layer4096", 0.1)):
             table[f"Fisher[{space}] c={c:g}"] = (fisher(space, c),
                 f"per-layer sampled-label Fisher, larger projection ({space})")
+        for space in ("factored", "factored32", "per_layer", "per_layer4096"):
+            table[f"Fisher[{space}] lambda=tr/p_l"] = (fisher(space, 1.0, full_mean=True),
+                "damping = mean eigenvalue of the unprojected layer Fisher (tr(F_l) / p_l), as in the raw space")
         table["Fisher[factored32] c=0.1, 4 label draws"] = (fisher("factored32", 0.1, draws=4),
             "32x32 factored features (1056 per layer) need more Fisher rows than 512 sequences")
         for space in ("factored", "per_layer", "raw"):

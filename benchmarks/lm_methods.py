@@ -156,6 +156,15 @@ class Checkpoint:
         return self.cache[key]
 
 
+def layer_sizes(model: torch.nn.Module) -> Dict[str, int]:
+    """Parameters per layer (module path), as the layouts name layers."""
+    sizes: Dict[str, int] = {}
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        sizes[layer] = sizes.get(layer, 0) + p.numel()
+    return sizes
+
+
 def layer_groups(layout) -> List[Tuple[str, int, int]]:
     """``[(layer, start, stop)]``: consecutive layout blocks of one layer merged."""
     groups: List[list] = []
@@ -234,13 +243,16 @@ class LayerSolver:
 
 def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher", c: float = 0.1,
                           per_layer: bool = True, train_kind: str = "loss", unit_train: str = "none",
-                          draws: Optional[int] = None):
+                          draws: Optional[int] = None, full_mean: bool = False):
     """``S = sum_l g_l (F_l + lambda_l I)^-1 phi_{z,l}^T`` with ``F`` from ``curvature``:
 
     ``"fisher"`` (sampled labels; ``draws`` label draws per sequence), ``"empirical"`` (true-label loss gradients, the empirical
     Fisher) or ``"trak"`` (``Q``-weighted margin features: ``sqrt(Q_i) phi_i``, TRAK's kernel / n).
     ``unit_train``: ``"unit"`` divides each train row by ``||g_i||``, ``"metric"`` by
     ``sqrt(g_i^T (F + lambda)^-1 g_i)``.
+    ``full_mean``: ``lambda_l = c tr(F_l) / p_l`` with ``p_l`` the layer's number of parameters
+    (the mean eigenvalue of the unprojected layer Fisher, whose trace the projection preserves
+    in expectation) instead of ``c tr(F_l) / k_l``; in the raw space the two are the same.
     """
     layout = ck.get(space, "target").layout
     t = ck.get(space, "target").phi
@@ -261,11 +273,15 @@ def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher",
     groups = layer_groups(layout) if per_layer else [("all", 0, t.shape[1])]
     scores = torch.zeros(g.shape[0], t.shape[0], dtype=torch.float64)
     norms = torch.zeros(g.shape[0], dtype=torch.float64)
-    for _, a, b in groups:
+    for name, a, b in groups:
         xs = x[:, a:b].double()
         if float((xs * xs).sum()) == 0:
             continue
-        solver = LayerSolver(xs, c)
+        scale = 1.0
+        if full_mean and per_layer:
+            sizes = layer_sizes(ck.model)
+            scale = (b - a) / sizes[name]
+        solver = LayerSolver(xs, c * scale)
         u = solver.solve(t[:, a:b].double().T)                       # [k_l, t]
         gl = g[:, a:b].double()
         scores += gl @ u
