@@ -331,6 +331,9 @@ def method_table(args) -> Dict[str, tuple]:
         for space, c in (("factored32", 0.1), ("factored32", 1.0), ("per_layer4096", 0.1)):
             table[f"Fisher[{space}] c={c:g}"] = (fisher(space, c),
                 f"per-layer sampled-label Fisher, larger projection ({space})")
+        for rows in (128, 256):
+            table[f"Fisher[raw] c=1, Fisher from {rows} rows"] = (fisher("raw", 1.0, fisher_rows=rows),
+                f"the Fisher from the first {rows} train sequences only (Woodbury cost n_f^2 p)")
         for space in ("factored", "factored32", "per_layer", "per_layer4096"):
             table[f"Fisher[{space}] lambda=tr/p_l"] = (fisher(space, 1.0, full_mean=True),
                 "damping = mean eigenvalue of the unprojected layer Fisher (tr(F_l) / p_l), as in the raw space")

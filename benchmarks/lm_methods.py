@@ -136,11 +136,20 @@ class Checkpoint:
             elif kind == "loss":
                 feats = trak_fast.featurize(self.model, self.checkpoint, self.train,
                                             task=LogProbTask(), out_to_loss=False, **kwargs)
-            elif kind.startswith("fisher"):      # "fisher" (fisher_draws draws) or "fisher<d>"
-                draws = int(kind[6:]) if kind[6:] else self.fisher_draws
+            elif kind.startswith("fisher"):      # "fisher" (fisher_draws draws), "fisher<d>", "fisher_rows<r>"
+                rows = int(kind[11:]) if kind.startswith("fisher_rows") else None
+                draws = 1 if rows else (int(kind[6:]) if kind[6:] else self.fisher_draws)
+                train = self.train
+                if rows:         # the Fisher from the first batches only (>= rows sequences)
+                    count, train = 0, []
+                    for batch in self.train:
+                        if count >= rows:
+                            break
+                        train.append(batch)
+                        count += batch["input_ids"].shape[0]
                 parts = []
                 for draw in range(draws):
-                    sampled = sampled_label_batches(self.model, self.checkpoint, self.train,
+                    sampled = sampled_label_batches(self.model, self.checkpoint, train,
                                                     seed=1_000 * self.model_id + draw)
                     parts.append(trak_fast.featurize(self.model, self.checkpoint, sampled,
                                                      task=LogProbTask(), out_to_loss=False, **kwargs))
@@ -243,7 +252,8 @@ class LayerSolver:
 
 def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher", c: float = 0.1,
                           per_layer: bool = True, train_kind: str = "loss", unit_train: str = "none",
-                          draws: Optional[int] = None, full_mean: bool = False):
+                          draws: Optional[int] = None, full_mean: bool = False,
+                          fisher_rows: Optional[int] = None):
     """``S = sum_l g_l (F_l + lambda_l I)^-1 phi_{z,l}^T`` with ``F`` from ``curvature``:
 
     ``"fisher"`` (sampled labels; ``draws`` label draws per sequence), ``"empirical"`` (true-label loss gradients, the empirical
@@ -262,7 +272,8 @@ def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher",
         feats = ck.get(space, "margin")
         g, q = feats.phi, feats.out_to_loss.double()
     if curvature == "fisher":
-        x = ck.get(space, "fisher" if draws is None else f"fisher{draws}").phi
+        kind = "fisher" if draws is None else f"fisher{draws}"
+        x = ck.get(space, kind if fisher_rows is None else f"fisher_rows{fisher_rows}").phi
     elif curvature == "empirical":
         x = ck.get(space, "loss").phi
     elif curvature == "trak":
