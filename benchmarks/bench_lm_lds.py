@@ -331,6 +331,8 @@ def method_table(args) -> Dict[str, tuple]:
         for space, c in (("factored32", 0.1), ("factored32", 1.0), ("per_layer4096", 0.1)):
             table[f"Fisher[{space}] c={c:g}"] = (fisher(space, c),
                 f"per-layer sampled-label Fisher, larger projection ({space})")
+        table["layer-scaled grad dot[raw]"] = (lambda ck: L.layer_scaled_dot(ck, "raw"),
+            "ablation of Fisher[raw] c=1: only the per-layer factor 1/lambda_l = p_l / tr(F_l), no Fisher directions")
         for rows in (128, 256):
             table[f"Fisher[raw] c=1, Fisher from {rows} rows"] = (fisher("raw", 1.0, fisher_rows=rows),
                 f"the Fisher from the first {rows} train sequences only (Woodbury cost n_f^2 p)")

@@ -404,3 +404,17 @@ def kronfluence_scores(ck: Checkpoint, workdir: str, strategy: str = "ekfac",
     # parameters by -H^-1 grad L_i, so the predicted change of f is minus the score. (For a loss
     # measurement that sign makes "positive = helpful"; for our margin it must be flipped.)
     return -scores.T.double(), None
+
+
+def layer_scaled_dot(ck: Checkpoint, space: str = "raw"):
+    """Ablation of the raw-space Fisher: only its per-layer scale, ``sum_l g_l . phi_l / lambda_l``
+    with ``lambda_l = tr(F_l) / p_l`` (the sampled-label Fisher's mean eigenvalue), no directions removed."""
+    layout = ck.get(space, "target").layout
+    t, g, x = ck.get(space, "target").phi, ck.get(space, "loss").phi, ck.get(space, "fisher").phi
+    sizes = layer_sizes(ck.model)
+    scores = torch.zeros(g.shape[0], t.shape[0], dtype=torch.float64)
+    for name, a, b in layer_groups(layout):
+        trace = float((x[:, a:b].double() ** 2).sum()) / x.shape[0]
+        if trace > 0:
+            scores += (g[:, a:b].double() @ t[:, a:b].double().T) * (sizes[name] / trace)
+    return scores, None
