@@ -463,6 +463,38 @@ def print_table(report: dict) -> None:
               f"{row['seconds_per_model']:8.2f}{diffs}")
 
 
+def write_markdown(report: dict, path: Path) -> None:
+    """The table of ``report`` (rows sorted by LDS at M = 3) as Markdown."""
+    M = report["settings"]["models"]
+    s = report["settings"]
+    lines = [f"# LM LDS: GPT-2 {s['size']} ({report['model_params']:,} params)"
+             + (", completion-only loss" if s["prompt_len"] else ""),
+             "",
+             f"Written by `benchmarks/bench_lm_lds.py`. {s['n_train']} train / {s['n_targets']} target sequences of "
+             f"{s['seq_len']} characters ({report['corpus']['source']}), {s['subsets']} random halves retrained once "
+             f"each, M = {M} full-data models. LDS: mean Spearman over targets, 95% bootstrap interval; "
+             "the last two columns: paired difference of per-target LDS at M = 3 with its 95% bootstrap interval. "
+             "Seconds per model: wall time on a shared 2-core machine under load; compare only rows of one run "
+             "(same 'run' time in the JSON).",
+             "",
+             f"| method | LDS M=1 | LDS M={M} [95% CI] | s/model | - grad dot | - EK-FAC | run |",
+             "|---|---|---|---|---|---|---|"]
+    for row in sorted(report["rows"], key=lambda r: -r[f"lds_M{M}"]["lds"]):
+        a, b = row["lds_M1"], row[f"lds_M{M}"]
+        diffs = row.get(f"paired_difference_M{M}", {})
+        cells = []
+        for name in REFERENCES:
+            d = diffs.get(name)
+            cells.append(f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "")
+        run = row.get("run", {}).get("finished", "")
+        lines.append(f"| {row['method']} | {a['lds']:.3f} | {b['lds']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] | "
+                     f"{row['seconds_per_model']:.1f} | {cells[0]} | {cells[1]} | {run} |")
+    lines += ["", f"Noise: mean over targets of the std of f(z) across the subset models "
+              f"{report['noise']['subset_output_std_mean']:.2f}, across the {M} full-data models (seeds only) "
+              f"{report['noise']['full_model_output_std_mean']:.2f}.", ""]
+    path.write_text("\n".join(lines))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -509,7 +541,8 @@ def main(argv=None) -> dict:
                 | {"methods": [r["method"] for r in old["rows"] if r["method"] not in names]}]
     print_table(report)
     out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_markdown(report, out.with_suffix(".md"))
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
     return report
 
 
