@@ -32,6 +32,13 @@ layout's ``.layer``), with ``X`` the fisher features ``[n_f, k_l]``::
     S[i, z] = sum_l g_{i,l}^T (F_l + lambda_l I)^-1 phi_{z,l}
 
 solved directly when ``k_l <= n_f`` and by Woodbury (``n_f x n_f``) otherwise.
+
+Findings (``benchmarks/results/bench_lm_lds*.md``): replacing TRAK's kernel by the per-layer
+sampled-label Fisher is what closes the gap to kronfluence's EK-FAC; the empirical Fisher (true
+labels) and TRAK's own kernel at the same damping stay at the gradient dot product. The most
+robust form over the three settings is the raw-space one (``Fisher[raw] c=1``: rank-n_f Fisher
+per layer, ``lambda_l = tr(F_l) / p_l``); its gain comes from removing the top Fisher
+directions (``layer_scaled_dot``, its per-layer scale alone, is worse than the dot product).
 """
 from __future__ import annotations
 
