@@ -398,7 +398,7 @@ class TRAK:
             add_checkpoint_scores(features, targets, self._kernels(model_id, scoring), scoring,
                                   out=part, proj_dim=self.proj_dim,
                                   num_grad_params=self.num_grad_params, device=self.device,
-                                  progress=self.progress)
+                                  progress=self.progress and distributed.is_main())
             q_sum += torch.from_numpy(np.asarray(out_to_loss, dtype=np.float64))
         finish_ensemble(part, q_sum, len(ids))
         if part is not out:
