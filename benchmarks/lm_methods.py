@@ -42,11 +42,9 @@ directions (``layer_scaled_dot``, its per-layer scale alone, is worse than the d
 """
 from __future__ import annotations
 
-import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 import trak_fast

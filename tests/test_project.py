@@ -1,10 +1,8 @@
 """project() against the float64 oracle, its sequence form, out=, and its errors."""
-import math
 
 import pytest
 import torch
 
-import trak_fast
 from trak_fast import project, projection_matrix
 
 from conftest import DEVICES
