@@ -643,7 +643,7 @@ def test_featurize_float32_models(family):
     assert gram_error(phi.double(), expected) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_attribute_and_trak_run_at_defaults_and_agree(family, tmp_path):
     """Default settings (dense k, sdpa attention, float32), padded dict batches: attribute() and
     the TRAK store loop run with every parameter by hooks and give the same scores."""
