@@ -53,6 +53,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+import trak_fast
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmarks/cache/ is gitignored; where it is a dangling link, the (also ignored) build/ folder.
@@ -292,6 +294,13 @@ def method_table(args) -> Dict[str, tuple]:
     if not args.no_kronfluence:
         table["kronfluence 1.0.1 EK-FAC"] = (lambda ck: L.kronfluence_scores(ck, kf_dir),
             "strategy='ekfac', sampled-label Fisher factors, damping_factor=None (0.1 x mean eigenvalue)")
+    table["trak_fast curvature=fisher (library, per_layer)"] = (
+        lambda ck: (trak_fast.attribute(
+            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+            seed=ck.model_id, proj_dim=2048, projection="per_layer", kernel="per_layer",
+            curvature="fisher", progress=False).double(), None),
+        "trak_fast.attribute(curvature='fisher', projection='per_layer', kernel='per_layer'): the "
+        "library's form of the per-layer sampled-label Fisher (default damping 0.01)")
     fisher = lambda space, c, **kw: (lambda ck: L.preconditioned_scores(ck, space, "fisher", c, **kw))
     # The headline rows (c = 0.1: kronfluence's heuristic damping, fixed before the run; the raw
     # space's rank-n_f Fisher needs more: c = 1, chosen by the --sweep rows).
