@@ -39,6 +39,11 @@ def dense_tap(tracked: TrackedModule, writer: FeatureWriter, phi: torch.Tensor, 
                     writer.defer_rows(values.to(phi.dtype), name, offset, phi, budget // 2)
                 adapter.project_weight(inputs, grad, project, max_elements=budget // 2)
                 continue
+            if role == "bias" and writer.dense and batch_size * numel <= budget // 2:
+                # Held with the weights: a layer's weight and bias are consecutive rows of P.
+                g = adapter.bias_grad(grad)
+                writer.defer_rows(g.reshape(batch_size, -1).to(phi.dtype), name, 0, phi, budget // 2)
+                continue
             rows = max(1, min(batch_size, budget // numel))
             for start in range(0, batch_size, rows):
                 stop = min(batch_size, start + rows)
