@@ -54,6 +54,8 @@ class Featurizer:
             ``projection=``, ...) build or override them.
         model_id: the checkpoint's index: ``P_m`` has seed ``model_seed(settings.seed, model_id)``.
         device: where gradients are computed (``None``: the model's parameter device).
+        spec: the :class:`~trak_fast.features.spec.FeatureSpec` of ``model``, ``task`` and
+            ``settings``, when the caller has it already (one per model, not per checkpoint).
 
     ``num_features`` is ``k``; ``layout`` lists the :class:`FeatureBlock` of each group of
     columns; ``plan`` says which parameters take hooks and which vmap.
@@ -62,10 +64,14 @@ class Featurizer:
     def __init__(self, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], *,
                  task: Union[str, Task] = "classification",
                  settings: Optional[FeatureSettings] = None, model_id: int = 0,
-                 device: Optional[Device] = None, **options: Any):
+                 device: Optional[Device] = None, spec: Optional[FeatureSpec] = None,
+                 **options: Any):
         settings = feature_settings(options, settings, where="Featurizer()")
         self.task = get_task(task)
-        spec = FeatureSpec(model, self.task, settings)
+        if spec is None:
+            spec = FeatureSpec(model, self.task, settings)
+        elif spec.settings != settings:
+            raise ValueError("spec was built for other feature settings than settings")
         self.model, self.settings, self.spec = model, settings, spec
         self.seed = model_seed(settings.seed, model_id)
         self.device = torch.device(device) if device is not None else model_device(model)

@@ -20,6 +20,7 @@ import torch
 from ..features.featurizer import Featurizer
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device
+from ..features.spec import FeatureSpec
 from ..features.tasks import Task, get_task
 from ..features.tasks.likelihood import LogLikelihoodTask, SampledLogLikelihoodTask
 from ..ops.projection import model_seed
@@ -80,7 +81,9 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = distributed.local_device(compute_device(model, device), device)
     checks.check_checkpoints(model, checkpoints)
-    featurizer = Featurizer(model, checkpoints[0], task=task, settings=features, device=device)
+    spec = FeatureSpec(model, task, features)       # once: every checkpoint has the same
+    featurizer = Featurizer(model, checkpoints[0], task=task, settings=features, device=device,
+                            spec=spec)
     train = checks.prepare_loader(train, "train", model=model, run=featurizer.run, task=task,
                                   device=device, passes=len(checkpoints))
     targets = checks.prepare_loader(targets, "targets", model=model, run=featurizer.run,
@@ -91,28 +94,18 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         return _fisher_attribute(model, checkpoints, train, targets, task, features, scoring,
                                  featurizer, device, progress)
     score_sum = q_sum = None
-    # Checkpoint 0's pass over each loader is fingerprinted; later checkpoints must see the
-    # same examples in the same order (see trak_fast.pipeline.fingerprint).
-    seen = {"train": None, "targets": None}
+    examples = _SameExamples()
     for model_id, checkpoint in enumerate(checkpoints):
         if model_id > 0:
             featurizer = Featurizer(model, checkpoint, task=task, settings=features,
-                                    model_id=model_id, device=device)
-        ledgers = {what: Ledger(what, seen[what], against=f"the {what} examples checkpoint 0 saw")
-                   for what in seen}
+                                    model_id=model_id, device=device, spec=spec)
+        ledgers = examples.ledgers()
         phi, q = _features(featurizer, train, "train", ledgers["train"], progress)
         phi_targets = _features(featurizer, targets, "targets", ledgers["targets"], progress)[0]
+        examples.check(model_id, ledgers, phi.shape[0], phi_targets.shape[0])
         if model_id == 0:
-            seen = {what: ledger.hashes for what, ledger in ledgers.items()}
-            n, t = phi.shape[0], phi_targets.shape[0]
-            score_sum = torch.zeros(n, t, dtype=phi.dtype)
-            q_sum = torch.zeros(n, dtype=torch.float64)
-        elif (phi.shape[0], phi_targets.shape[0]) != tuple(score_sum.shape):
-            raise ValueError(
-                f"checkpoint {model_id} saw {phi.shape[0]} train and {phi_targets.shape[0]} "
-                f"target examples, checkpoint 0 saw {tuple(score_sum.shape)}: train and targets "
-                "must yield the same examples every time they are iterated (a list or a "
-                "DataLoader, not a generator)")
+            score_sum = torch.zeros(phi.shape[0], phi_targets.shape[0], dtype=phi.dtype)
+            q_sum = torch.zeros(phi.shape[0], dtype=torch.float64)
         blocks = kernel_blocks(featurizer.layout, phi.shape[1], scoring.kernel)
         kernels = compute_kernels(phi, blocks,
                                   form="primal" if scoring.ensemble == "trak" else "auto",
@@ -124,6 +117,29 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         q_sum += q.to(torch.float64)
     finish_ensemble(score_sum, q_sum, len(checkpoints))
     return score_sum
+
+
+class _SameExamples:
+    """Checkpoint 0's pass over each loader is fingerprinted; later checkpoints must see the
+    same examples in the same order (see trak_fast.pipeline.fingerprint), and as many."""
+
+    def __init__(self):
+        self.seen = {"train": None, "targets": None}
+        self.sizes = None
+
+    def ledgers(self):
+        return {what: Ledger(what, self.seen[what], against=f"the {what} examples checkpoint 0 saw")
+                for what in self.seen}
+
+    def check(self, model_id: int, ledgers, n: int, t: int) -> None:
+        if model_id == 0:
+            self.seen = {what: ledger.hashes for what, ledger in ledgers.items()}
+            self.sizes = (n, t)
+        elif (n, t) != self.sizes:
+            raise ValueError(
+                f"checkpoint {model_id} saw {n} train and {t} target examples, checkpoint 0 saw "
+                f"{self.sizes}: train and targets must yield the same examples every time they "
+                "are iterated (a list or a DataLoader, not a generator)")
 
 
 def _features(featurizer: Featurizer, loader: Iterable[Batch], what: str, ledger: Ledger,
@@ -145,26 +161,25 @@ def _fisher_attribute(model, checkpoints, train, targets, task: Task, features: 
     log-likelihood gradients, the sampled-label gradients (the Fisher) and the targets' output
     gradients, all with checkpoint ``m``'s projection; ``tau = mean_m(scores_m)``."""
     total = None
-    seen = {"train": None, "targets": None}
+    examples = _SameExamples()
+    # The log-likelihood tasks differentiate the same parameters by the same paths as each other.
+    likelihood_spec = FeatureSpec(model, LogLikelihoodTask(task), features)
     for model_id, checkpoint in enumerate(checkpoints):
-        def make(task_m):
+        def make(task_m, spec):
             return Featurizer(model, checkpoint, task=task_m, settings=features,
-                              model_id=model_id, device=device)
+                              model_id=model_id, device=device, spec=spec)
         if model_id > 0:
-            featurizer = make(task)
+            featurizer = make(task, featurizer.spec)
         seed = model_seed(features.seed, model_id)
-        ledgers = {what: Ledger(what, seen[what], against=f"the {what} examples checkpoint 0 saw")
-                   for what in seen}
-        g = _features(make(LogLikelihoodTask(task)), train, "train", ledgers["train"], progress)[0]
-        s = _features(make(SampledLogLikelihoodTask(task, seed)), train, "train (sampled labels)",
-                      None, progress)[0]
+        ledgers = examples.ledgers()
+        g = _features(make(LogLikelihoodTask(task), likelihood_spec), train, "train",
+                      ledgers["train"], progress)[0]
+        s = _features(make(SampledLogLikelihoodTask(task, seed), likelihood_spec), train,
+                      "train (sampled labels)", None, progress)[0]
         t = _features(featurizer, targets, "targets", ledgers["targets"], progress)[0]
+        examples.check(model_id, ledgers, g.shape[0], t.shape[0])
         if model_id == 0:
-            seen = {what: ledger.hashes for what, ledger in ledgers.items()}
             total = torch.zeros(g.shape[0], t.shape[0], dtype=torch.float64)
-        elif (g.shape[0], t.shape[0]) != tuple(total.shape):
-            raise ValueError(f"checkpoint {model_id} saw {g.shape[0]} train and {t.shape[0]} "
-                             f"target examples, checkpoint 0 saw {tuple(total.shape)}")
         blocks = kernel_blocks(featurizer.layout, g.shape[1], scoring.kernel)
         fisher_scores(g, s, t, blocks, scoring.lambda_reg, device=device, out=total)
     dtype = torch.float64 if featurizer.dtype == torch.float64 else torch.float32

@@ -117,7 +117,7 @@ class TRAK:
 
     def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, settings=self.settings,
-                          model_id=model_id, device=self.device)
+                          model_id=model_id, device=self.device, spec=self.spec)
 
     def _checked(self, checkpoint: Mapping[str, torch.Tensor], model_id: int, loader: Iterable[Batch],
                  what: str, expected: Optional[int] = None):
