@@ -301,6 +301,16 @@ def method_table(args) -> Dict[str, tuple]:
             curvature="fisher", progress=False).double(), None),
         "trak_fast.attribute(curvature='fisher', projection='per_layer', kernel='per_layer'): the "
         "library's form of the per-layer sampled-label Fisher (default damping 0.01)")
+    if args.library:        # the library's curvature="fisher" in each feature space, by damping
+        for space in ("raw", "per_layer", "factored", "factored32"):
+            for c in args.dampings:
+                table[f"trak_fast fisher[{space}] c={c:g}"] = (
+                    lambda ck, space=space, c=c: (trak_fast.attribute(
+                        ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+                        **dict(L.SPACES[space], seed=ck.model_id), kernel="per_layer",
+                        curvature="fisher", lambda_reg=c, progress=False).double(), None),
+                    f"trak_fast.attribute(curvature='fisher', kernel='per_layer', lambda_reg={c:g}), "
+                    f"{space} features (each row featurizes anew: its seconds are the whole call)")
     fisher = lambda space, c, **kw: (lambda ck: L.preconditioned_scores(ck, space, "fisher", c, **kw))
     # The headline rows (c = 0.1: kronfluence's heuristic damping, fixed before the run; the raw
     # space's rank-n_f Fisher needs more: c = 1, chosen by the --sweep rows).
@@ -523,6 +533,8 @@ def parse_args(argv=None):
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--sweep", action="store_true",
                    help="also the damping sweep and the variants (3x the time of the headline rows)")
+    p.add_argument("--library", action="store_true",
+                   help="rows for the library's curvature='fisher' in every feature space and damping")
     p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--threads", type=int, default=1)

@@ -6,12 +6,14 @@ With ``G [n, k]`` the train examples' log-likelihood gradients (``-grad loss_i``
 each layer ``l`` of the feature layout (its columns)::
 
     F_l      = S_l^T S_l / n_f                        # the projected true Fisher of layer l
-    lambda_l = c * tr(F_l) / k_l                      # c times F_l's mean eigenvalue
+    lambda_l = c * tr(F_l) / min(k_l, n_f)            # c times F_l's mean nonzero eigenvalue
     scores   = sum_l G_l (F_l + lambda_l I)^-1 T_l^T  # [n, t]
 
 the influence-function estimate of how much up-weighting train example ``i`` raises target
 ``z``'s output, with block-diagonal (per layer) curvature: EK-FAC's structure, in the projected
-space. Solved in float64 by Cholesky of ``F_l + lambda_l I`` (``[k_l, k_l]``) when ``k_l <= n_f``,
+space. ``F_l`` has rank at most ``min(k_l, n_f)``, so the damping is relative to the mean of its
+(at most that many) nonzero eigenvalues: one ``c`` serves projected layers (``k_l < n_f``, where
+this is the plain mean eigenvalue) and raw gradients (``proj_dim=None``, ``k_l >> n_f``) alike. Solved in float64 by Cholesky of ``F_l + lambda_l I`` (``[k_l, k_l]``) when ``k_l <= n_f``,
 else through the ``[n_f, n_f]`` Gram matrix (Woodbury):
 ``(S^T S / n + lambda I)^-1 = (I - S^T (n lambda I + S S^T)^-1 S) / lambda``.
 """
@@ -28,14 +30,14 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 class FisherSolve:
-    """``(F + lambda I)^-1`` of ``F = S^T S / n_f``, ``lambda = c tr(F) / k``, float64."""
+    """``(F + lambda I)^-1`` of ``F = S^T S / n_f``, ``lambda = c tr(F) / min(k, n_f)``, float64."""
 
     def __init__(self, s: torch.Tensor, c: float):
         self.s = s.double()
         n_f, k = self.s.shape
         self.n_f, self.k = n_f, k
         self.trace = float((self.s * self.s).sum()) / n_f
-        self.lam = c * self.trace / k
+        self.lam = c * self.trace / min(k, n_f)
         if self.lam <= 0:
             raise ValueError("curvature='fisher' needs lambda_reg > 0 (relative to the mean "
                              "eigenvalue of each layer's Fisher)")
