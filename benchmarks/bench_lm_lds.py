@@ -302,15 +302,17 @@ def method_table(args) -> Dict[str, tuple]:
         "trak_fast.attribute(curvature='fisher', projection='per_layer', kernel='per_layer'): the "
         "library's form of the per-layer sampled-label Fisher (default damping 0.01)")
     if args.library:        # the library's curvature="fisher" in each feature space, by damping
-        for space in ("raw", "per_layer", "factored", "factored32"):
+        for space in args.library_spaces.split(","):
             for c in args.dampings:
-                table[f"trak_fast fisher[{space}] c={c:g}"] = (
-                    lambda ck, space=space, c=c: (trak_fast.attribute(
-                        ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-                        **dict(L.SPACES[space], seed=ck.model_id), kernel="per_layer",
-                        curvature="fisher", lambda_reg=c, progress=False).double(), None),
-                    f"trak_fast.attribute(curvature='fisher', kernel='per_layer', lambda_reg={c:g}), "
-                    f"{space} features (each row featurizes anew: its seconds are the whole call)")
+                for kernel in args.library_kernels.split(","):
+                    tag = "" if kernel == "per_layer" else f" kernel={kernel}"
+                    table[f"trak_fast fisher[{space}] c={c:g}{tag}"] = (
+                        lambda ck, space=space, c=c, kernel=kernel: (trak_fast.attribute(
+                            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+                            **dict(L.SPACES[space], seed=ck.model_id), kernel=kernel,
+                            curvature="fisher", lambda_reg=c, progress=False).double(), None),
+                        f"trak_fast.attribute(curvature='fisher', kernel={kernel!r}, lambda_reg={c:g}), "
+                        f"{space} features (each row featurizes anew: its seconds are the whole call)")
     fisher = lambda space, c, **kw: (lambda ck: L.preconditioned_scores(ck, space, "fisher", c, **kw))
     # The headline rows (c = 0.1: kronfluence's heuristic damping, fixed before the run; the raw
     # space's rank-n_f Fisher needs more: c = 1, chosen by the --sweep rows).
@@ -535,6 +537,10 @@ def parse_args(argv=None):
                    help="also the damping sweep and the variants (3x the time of the headline rows)")
     p.add_argument("--library", action="store_true",
                    help="rows for the library's curvature='fisher' in every feature space and damping")
+    p.add_argument("--library-spaces", default="raw,per_layer,factored,factored32",
+                   help="feature spaces of the --library rows")
+    p.add_argument("--library-kernels", default="per_layer",
+                   help="kernels (per_layer, full) of the --library rows")
     p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -552,8 +558,10 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():      # rows of a run replace the same rows of an earlier run with the same settings
         old = json.loads(out.read_text())
-        same = {k: v for k, v in old["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads", "sweep")} == \
-               {k: v for k, v in report["settings"].items() if k not in ("only", "no_kronfluence", "dampings", "threads", "sweep")}
+        rows_only = ("only", "no_kronfluence", "dampings", "threads", "sweep", "library",
+                     "library_spaces", "library_kernels")     # which rows, not how they are made
+        same = {k: v for k, v in old["settings"].items() if k not in rows_only} == \
+               {k: v for k, v in report["settings"].items() if k not in rows_only}
         if same:
             names = {row["method"] for row in report["rows"]}
             report["rows"] = [r for r in old["rows"] if r["method"] not in names] + report["rows"]
