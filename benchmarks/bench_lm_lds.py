@@ -279,8 +279,13 @@ def method_table(args) -> Dict[str, tuple]:
 
     kf_dir = str(CACHE / "kronfluence")
     table = {
+        "trak_fast defaults": (lambda ck: (trak_fast.attribute(
+            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+            seed=ck.model_id, progress=False).double(), None),
+            "trak_fast.attribute(task='language_modeling') with nothing else: factored 32x32 "
+            "features, per-layer Fisher of sampled labels, lambda = 0.05 x mean eigenvalue"),
         "trak_fast defaults (dense k=2048)": (lambda ck: L.trak_scores(ck, "dense"),
-            "trak_fast.attribute(task='language_modeling') defaults: dense k=2048, kernel Phi^T diag(Q) Phi, lambda=3 tr/n"),
+            "trak_fast 0.1's defaults (before the Fisher): dense k=2048, kernel Phi^T diag(Q) Phi, lambda=3 tr/n"),
         "trak_fast projection=factored": (lambda ck: L.trak_scores(ck, "factored"),
             "same estimator, projection='factored' 16x16 (embeddings and LayerNorms not featurized)"),
         "trak_fast per_layer proj + kernel": (lambda ck: L.trak_scores(ck, "per_layer", per_layer=True),
