@@ -1,12 +1,14 @@
 """curvature="fisher": the sampled-label gradients estimate the true Fisher, the solver is exact."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import trak_fast
 from trak_fast.features.layout import FeatureBlock
+from trak_fast.features.featurizer import FisherFeaturizer
 from trak_fast.features.tasks.likelihood import (LogLikelihoodTask, SampledLogLikelihoodTask,
-                                                 example_uniforms, sample_labels)
+                                                 example_uniforms, keyed_uniforms, sample_labels)
 from trak_fast.scoring.fisher import fisher_scores
 
 
@@ -51,7 +53,8 @@ def test_sampled_gradients_estimate_the_true_fisher():
     draws = []
     for seed in range(4000):
         task_s = SampledLogLikelihoodTask(task, seed)
-        draws.append(trak_fast.featurize(model, model.state_dict(), [(x, torch.zeros(1, dtype=torch.long))],
+        batch = task_s.keyed((x, torch.zeros(1, dtype=torch.long)))
+        draws.append(trak_fast.featurize(model, model.state_dict(), [batch],
                                          task=task_s, proj_dim=None, out_to_loss=False).phi[0])
     s = torch.stack(draws)
     estimate = s.T @ s / len(draws)
@@ -83,7 +86,54 @@ def test_attribute_with_fisher_curvature_runs_and_refuses_what_it_cannot_do(tmp_
     assert (scores[:3].diagonal() > scores[3:].max(0).values).float().mean() >= 2 / 3
     with pytest.raises(ValueError, match="curvature='fisher' takes ensemble='mean'"):
         trak_fast.ScoreSettings(curvature="fisher", ensemble="trak")
-    trak = trak_fast.TRAK(tmp_path, model, train_size=12, task="language_modeling", proj_dim=64,
-                          progress=False)
-    with pytest.raises(ValueError, match="computed by trak_fast.attribute\\(\\) only"):
-        trak.score("x", curvature="fisher")
+    # The store: [G | S] rows, resumable like TRAK's; the same scores as attribute().
+    settings = dict(task="language_modeling", proj_dim=64, projection="per_layer", progress=False)
+    trak = trak_fast.TRAK(tmp_path / "s", model, train_size=12, curvature="fisher", **settings)
+    trak.featurize(model.state_dict(), train, model_id=0)
+    trak.finalize()                                   # nothing to save for the Fisher
+    trak.featurize_targets("x", model.state_dict(), targets, model_id=0)
+    stored = trak.score("x", kernel="per_layer", curvature="fisher")
+    np.testing.assert_allclose(stored, scores.numpy(), rtol=1e-4, atol=1e-4 * scores.abs().max().item())
+    assert trak.status()["settings"]["curvature"] == "fisher"
+    with pytest.raises(ValueError, match="holds the train rows of curvature='fisher'"):
+        trak.score("x", kernel="per_layer", curvature="kernel", overwrite=True)
+    with pytest.raises(trak_fast.StoreMismatchError, match="curvature"):
+        trak_fast.TRAK(tmp_path / "s", model, train_size=12, curvature="kernel", **settings)
+
+
+def test_keyed_uniforms_are_uniform_and_run_under_vmap():
+    keys = torch.arange(20000, dtype=torch.int64) * 7919 + 2**40
+    u = keyed_uniforms(keys, 3)
+    assert u.shape == (20000, 3) and 0 < u.min() and u.max() < 1
+    # Each column and the pairs across columns look like independent U(0, 1).
+    torch.testing.assert_close(u.mean(0), torch.full((3,), 0.5, dtype=torch.float64), atol=0.01, rtol=0)
+    assert abs(torch.corrcoef(u.T)[0, 1]) < 0.03
+    torch.testing.assert_close(torch.func.vmap(lambda k: keyed_uniforms(k, 3))(keys), u, rtol=0, atol=0)
+
+
+def test_fisher_rows_are_the_same_on_the_hook_and_vmap_paths():
+    """The sampled labels travel with each example (its key), so the vmap path draws what the
+    hook path draws: [G | S] equal on both, for a small LM batch with padding."""
+    torch.manual_seed(0)
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos, self.out = nn.Embedding(11, 6), nn.Embedding(7, 6), nn.Linear(6, 11)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.out(torch.tanh(self.emb(input_ids) + self.pos(position_ids)))
+    model = TinyLM().double()
+    task = trak_fast.LanguageModelingTask()
+    ids = torch.randint(0, 11, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    rows = {}
+    for path in ("hooks", "vmap"):
+        settings = trak_fast.FeatureSettings(proj_dim=None, gradients=path)
+        rows[path] = FisherFeaturizer(model, model.state_dict(), task=task, settings=settings,
+                                      model_id=3).compute(batch, 4)[0]
+    k = rows["hooks"].shape[1] // 2
+    assert rows["hooks"][:, k:].abs().sum() > 0
+    assert not torch.allclose(rows["hooks"][:, :k], rows["hooks"][:, k:])   # other labels
+    torch.testing.assert_close(rows["vmap"], rows["hooks"], rtol=1e-10, atol=1e-12)

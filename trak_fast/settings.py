@@ -42,10 +42,11 @@ DEFAULT_LAMBDA_REL = 3.0
 #: (digits M = 1 and 5, breast_cancer, the deeper digits MLP, and wine, not used for tuning),
 #: and unlike ``"fisher"`` it never fell below the gradient dot product.
 DEFAULT_KERNEL_WEIGHTS = "out_to_loss"
-#: ``curvature="fisher"``'s damping, relative to each layer's mean Fisher eigenvalue: the best
-#: of 0.01 / 0.1 / 1 on the language-model LDS benchmark (``benchmarks/bench_lm_lds.py``) with
-#: per-layer and factored features.
-DEFAULT_FISHER_DAMPING = 0.01
+#: ``curvature="fisher"``'s damping, relative to each layer's mean nonzero Fisher eigenvalue:
+#: on the language-model LDS benchmark (``benchmarks/bench_lm_lds.py --library``) with the
+#: default factored 32 x 32 features, 0.01 / 0.03 / 0.05 / 0.1 / 1 gave 0.139 / - / 0.147 /
+#: 0.147 / 0.135 on the small model and 0.086 / 0.084 / 0.084 / 0.080 / 0.065 on the medium one.
+DEFAULT_FISHER_DAMPING = 0.05
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
@@ -208,13 +209,49 @@ def _build(cls: type, given: Optional[Any], options: Dict[str, Any], argument: s
     return dataclasses.replace(given, **options) if options else given
 
 
+#: Feature fields that choose the projection: a caller who sets any of them by keyword has
+#: chosen it, and a task's preferred projection does not apply.
+PROJECTION_FIELDS = ("proj_dim", "projection", "factored_dims", "kind", "nnz", "gradients")
+#: Score fields that choose the estimator: a caller who sets any of them by keyword has chosen
+#: it, and a task's preferred scoring does not apply (``lambda_reg`` alone keeps it: the
+#: damping is relative either way).
+ESTIMATOR_FIELDS = ("ensemble", "curvature", "kernel", "kernel_weights", "relative_lambda")
+
+
+def preferred(task: Any, options: Mapping[str, Any], features: Optional[FeatureSettings],
+              scoring: Optional[ScoreSettings]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The keyword options with ``task``'s preferred settings filled in where the caller left
+    them unset: ``(feature options, score options)``.
+
+    A task states its preferences in ``preferred_features()`` and
+    ``preferred_scoring(features)`` (:class:`~trak_fast.Task`; the built-in language-modeling
+    task prefers the Fisher curvature on factored features, chosen on the language-model LDS
+    benchmark). They fill only what the caller did not choose: none where a settings object
+    is passed whole, no projection where any of :data:`PROJECTION_FIELDS` is a keyword, no
+    estimator where any of :data:`ESTIMATOR_FIELDS` is.
+    """
+    feature_options = {k: v for k, v in options.items() if k in FEATURE_FIELDS}
+    score_options = {k: v for k, v in options.items() if k in SCORE_FIELDS}
+    if task is None:
+        return feature_options, score_options
+    if features is None and not any(k in options for k in PROJECTION_FIELDS):
+        feature_options = {**task.preferred_features(), **feature_options}
+    if scoring is None and not any(k in options for k in ESTIMATOR_FIELDS):
+        chosen = features if features is not None else FeatureSettings(**feature_options)
+        score_options = {**task.preferred_scoring(chosen), **score_options}
+    return feature_options, score_options
+
+
 def split_options(options: Mapping[str, Any], *, features: Optional[FeatureSettings] = None,
                   scoring: Optional[ScoreSettings] = None, accepts: str = "features and scoring",
-                  where: str = "this call") -> Tuple[FeatureSettings, ScoreSettings]:
+                  where: str = "this call", task: Any = None
+                  ) -> Tuple[FeatureSettings, ScoreSettings]:
     """``(FeatureSettings, ScoreSettings)`` from the settings objects given and keyword options.
 
     A keyword overrides the field of the object passed with it; an unknown keyword raises
-    ``TypeError`` naming it. ``accepts`` says which of the two groups the call takes keywords of.
+    ``TypeError`` naming it. ``accepts`` says which of the two groups the call takes keywords
+    of. With a ``task``, its preferred settings fill what the caller left unset
+    (:func:`preferred`).
     """
     allowed = (FEATURE_FIELDS if "features" in accepts else ()) + \
         (SCORE_FIELDS if "scoring" in accepts else ())
@@ -222,16 +259,18 @@ def split_options(options: Mapping[str, Any], *, features: Optional[FeatureSetti
     if unknown:
         raise TypeError(f"{where} got unexpected keyword argument(s) {unknown}; its settings are "
                         f"{list(allowed)}")
-    feature_options = {k: v for k, v in options.items() if k in FEATURE_FIELDS}
-    score_options = {k: v for k, v in options.items() if k in SCORE_FIELDS}
+    feature_options, score_options = preferred(task, options, features, scoring)
+    if "scoring" not in accepts:
+        score_options = {}
     return (_build(FeatureSettings, features, feature_options, "features"),
             _build(ScoreSettings, scoring, score_options, "scoring"))
 
 
 def feature_settings(options: Mapping[str, Any], features: Optional[FeatureSettings] = None,
-                     where: str = "this call") -> FeatureSettings:
+                     where: str = "this call", task: Any = None) -> FeatureSettings:
     """:func:`split_options` for calls that take only feature settings."""
-    return split_options(options, features=features, accepts="features", where=where)[0]
+    return split_options(options, features=features, accepts="features", where=where,
+                         task=task)[0]
 
 
 def score_settings(options: Mapping[str, Any], scoring: Optional[ScoreSettings] = None,

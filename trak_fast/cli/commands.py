@@ -151,8 +151,8 @@ def run_build(options: BuildOptions) -> int:
                                + "\nrerun with the same options to resume, or use a new store "
                                "directory")
     trak = TRAK(store, model, train_size=len(rows), task=LanguageModelingTask(),
-                features=options.features, device=_device(options.device),
-                progress=options.progress and distributed.is_main())
+                features=options.features, curvature=options.curvature,
+                device=_device(options.device), progress=options.progress and distributed.is_main())
     with distributed.step("build: recording the inputs"):
         if distributed.is_main():
             record_build(store, record)
@@ -200,10 +200,12 @@ def run_score(options: ScoreOptions) -> int:
     for key in ("factored_dims", "grad_wrt"):
         if features.get(key) is not None:
             features[key] = tuple(features[key])
+    curvature = build.get("curvature") or "kernel"      # builds before curvature: the kernel
     trak = TRAK(store, model, train_size=build["train_size"], task=LanguageModelingTask(),
-                features=FeatureSettings(**features), device=_device(options.device),
-                progress=options.progress and distributed.is_main())
-    scoring = dict(kernel=build["kernel"], kernel_weights=build["kernel_weights"])
+                features=FeatureSettings(**features), curvature=curvature,
+                device=_device(options.device), progress=options.progress and distributed.is_main())
+    scoring = dict(kernel=build["kernel"], kernel_weights=build["kernel_weights"],
+                   curvature=curvature)
     scoring.update(options.scoring)
     try:
         scoring = ScoreSettings(**scoring)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..settings import FEATURE_FIELDS, SCORE_FIELDS, FeatureSettings, ScoreSettings
+from ..features.tasks import LanguageModelingTask
+from ..settings import FEATURE_FIELDS, SCORE_FIELDS, FeatureSettings, split_options
 from .errors import CLIError
 from .model import DEFAULT_ATTENTION
 
@@ -52,9 +53,11 @@ class BuildOptions(DataOptions):
     model: Optional[str] = None
     checkpoint: List[str] = field(default_factory=list)
     attn_implementation: str = DEFAULT_ATTENTION
-    # FeatureSettings, and the kernel that finalize saves.
+    # FeatureSettings, the store's curvature and the kernel that finalize saves (None: the
+    # language-modeling task's preferences; resolved by build_options).
     features: FeatureSettings = field(default_factory=FeatureSettings)
-    kernel: str = "full"
+    curvature: Optional[str] = None
+    kernel: Optional[str] = None
     kernel_weights: Optional[str] = None
 
 
@@ -86,14 +89,17 @@ def _bool(text: str) -> bool:
 
 _FEATURE_FLAGS = {
     "proj_dim": dict(type=_none_or(int), metavar="K",
-                     help="projected dimension k per checkpoint ('none': raw gradients) [2048]"),
+                     help="projected dimension k per checkpoint ('none': raw gradients) [2048; "
+                     "unused by the default factored projection]"),
     "kind": dict(choices=["rademacher", "gaussian", "sparse"], help="entries of P [rademacher]"),
     "seed": dict(type=int, help="seed of the projection [0]"),
     "nnz": dict(type=int, help="nonzeros per row of P for --kind sparse [4]"),
     "projection": dict(choices=["dense", "per_layer", "factored"],
-                       help="one P, one per layer, or per-layer factored P_out^T G P_in [dense]"),
+                       help="one P, one per layer, or per-layer factored P_out^T G P_in "
+                       "[factored, unless a flag of the projection (--proj-dim, --kind, --nnz, "
+                       "--gradients) is given: then dense]"),
     "factored_dims": dict(type=int, nargs=2, metavar=("K_OUT", "K_IN"),
-                          help="(k_out, k_in) per layer for --projection factored [16 16]"),
+                          help="(k_out, k_in) per layer for --projection factored [32 32]"),
     "gradients": dict(choices=["auto", "hooks", "vmap"],
                       help="how per-example gradients are computed [auto]"),
     "grad_wrt": dict(nargs="+", metavar="PARAM",
@@ -108,11 +114,14 @@ _SCORE_FLAGS = {
     "lambda_reg": dict(type=float, metavar="LAMBDA",
                        help="damping (relative to tr(K)/n unless --relative-lambda false) [3.0]"),
     "relative_lambda": dict(type=_bool, metavar="BOOL", help="whether --lambda-reg is relative"),
-    "kernel": dict(choices=["full", "per_layer"], help="one kernel, or one per layer [full]"),
+    "kernel": dict(choices=["full", "per_layer"], help="one kernel (or Fisher), or one per layer "
+                   "[per_layer with the default Fisher on factored features, else full]"),
     "kernel_weights": dict(choices=["none", "out_to_loss", "fisher"],
                            help="row weights of the kernel [out_to_loss]"),
     "curvature": dict(choices=["kernel", "fisher"],
-                      help="TRAK's kernel, or the sampled-label Fisher (not in stores yet) [kernel]"),
+                      help="TRAK's kernel, or the per-layer Fisher of labels sampled from the "
+                      "model; build chooses what the store holds [fisher, unless --kernel or "
+                      "--kernel-weights is given]"),
 }
 assert set(_FEATURE_FLAGS) == set(FEATURE_FIELDS) and set(_SCORE_FLAGS) == set(SCORE_FIELDS)
 
@@ -167,8 +176,9 @@ def add_build_flags(parser: argparse.ArgumentParser) -> None:
     features = parser.add_argument_group("features (trak_fast.FeatureSettings)")
     for name, spec in _FEATURE_FLAGS.items():
         features.add_argument(_flag(name), **spec)
-    kernel = parser.add_argument_group("kernel saved by finalize (score may use others)")
-    for name in ("kernel", "kernel_weights"):
+    kernel = parser.add_argument_group("the store's curvature, and the kernel saved by finalize "
+                                       "(score may use others)")
+    for name in ("curvature", "kernel", "kernel_weights"):
         kernel.add_argument(_flag(name), **_SCORE_FLAGS[name])
 
 
@@ -245,22 +255,25 @@ def _merged(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> D
     return merged
 
 
-def _settings(cls, values: Dict[str, Any]):
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise CLIError(f"bad {'feature' if cls is FeatureSettings else 'score'} setting: {exc}") \
-            from exc
-
-
 def build_options(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> BuildOptions:
     values = _merged(namespace, parser)
     features = {k: values.pop(k) for k in FEATURE_FIELDS if k in values}
     for key in ("factored_dims", "grad_wrt"):
         if isinstance(features.get(key), list):
             features[key] = tuple(features[key])
-    options = BuildOptions(**values, features=_settings(FeatureSettings, features))
-    _settings(ScoreSettings, {"kernel": options.kernel, "kernel_weights": options.kernel_weights})
+    task = LanguageModelingTask()
+    # The task's preferences fill what the flags leave unset (see trak_fast.settings.preferred).
+    try:
+        features = split_options(features, accepts="features", task=task)[0]
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"bad feature setting: {exc}") from exc
+    given = {k: values.pop(k) for k in ("curvature", "kernel", "kernel_weights") if k in values}
+    try:
+        scoring = split_options(given, features=features, accepts="scoring", task=task)[1]
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"bad score setting: {exc}") from exc
+    options = BuildOptions(**values, features=features, curvature=scoring.curvature,
+                           kernel=scoring.kernel, kernel_weights=scoring.kernel_weights)
     for name in ("store", "model"):
         if not getattr(options, name):
             raise CLIError(f"build needs {'a store directory' if name == 'store' else '--model'}"

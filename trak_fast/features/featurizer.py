@@ -37,6 +37,7 @@ from .gradients.writer import FeatureWriter
 from .model import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
 from .spec import FeatureSpec
 from .tasks import Task, get_task
+from .tasks.likelihood import LogLikelihoodTask, SampledLogLikelihoodTask
 
 logger = logging.getLogger("trak_fast")
 #: Path summaries already logged (once per process and model, not once per checkpoint).
@@ -66,8 +67,8 @@ class Featurizer:
                  settings: Optional[FeatureSettings] = None, model_id: int = 0,
                  device: Optional[Device] = None, spec: Optional[FeatureSpec] = None,
                  **options: Any):
-        settings = feature_settings(options, settings, where="Featurizer()")
         self.task = get_task(task)
+        settings = feature_settings(options, settings, where="Featurizer()", task=self.task)
         if spec is None:
             spec = FeatureSpec(model, self.task, settings)
         elif spec.settings != settings:
@@ -225,3 +226,40 @@ class Featurizer:
 
 def _shapes(batch: Batch) -> List[Tuple[int, ...]]:
     return [tuple(t.shape) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+
+
+class FisherFeaturizer:
+    """The train rows of ``curvature="fisher"`` (:mod:`trak_fast.scoring.fisher`) for one
+    checkpoint: :meth:`compute` gives ``[G | S]`` ``[B, 2k]``, the log-likelihood gradients of
+    the batch's own labels (columns ``:k``) and of labels drawn from the model (columns
+    ``k:``; each example's draw is a function of the example and the checkpoint's seed, so a
+    resumed or re-batched run draws the same), and ``Q = 1`` (the Fisher scores use none).
+    Both in the feature space of ``settings``, with checkpoint ``model_id``'s projection."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], *,
+                 task: Union[str, Task], settings: FeatureSettings, model_id: int = 0,
+                 device: Optional[Device] = None, spec: Optional[FeatureSpec] = None):
+        self.task = get_task(task)
+        if spec is None:      # the two likelihood tasks differentiate the same way: one spec
+            spec = FeatureSpec(model, LogLikelihoodTask(self.task), settings)
+        self.spec = spec
+
+        def make(task_: Task) -> Featurizer:
+            return Featurizer(model, checkpoint, task=task_, settings=settings,
+                              model_id=model_id, device=device, spec=spec)
+        self.loglik = make(LogLikelihoodTask(self.task))
+        self.sampling = SampledLogLikelihoodTask(self.task, self.loglik.seed)
+        self.sampled = make(self.sampling)
+
+    num_features = property(lambda self: 2 * self.spec.num_features)
+    layout = property(lambda self: self.spec.layout)       # of G's (and S's) k columns
+    gradient_paths = property(lambda self: self.loglik.gradient_paths)
+
+    def compute(self, batch: Batch, size: int, *, where: str = "batch",
+                out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``([G | S] [B, 2k], ones [B] or None)`` for one batch checked by the loop."""
+        g = self.loglik.compute(batch, size, where=where, out_to_loss=False)[0]
+        s = self.sampled.compute(self.sampling.keyed(batch), size, out_to_loss=False,
+                                 where=f"{where} (labels drawn from the model)")[0]
+        q = torch.ones(size, dtype=torch.float32) if out_to_loss else None
+        return torch.cat([g, s], dim=1), q

@@ -19,7 +19,7 @@ from ..settings import FeatureSettings, feature_settings
 from .featurizer import Featurizer
 from .layout import FeatureBlock
 from .model import Batch, Device, compute_device
-from .tasks import Task
+from .tasks import Task, get_task
 
 
 class Features:
@@ -103,7 +103,7 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     featurized (e.g. a :class:`trak_fast.pipeline.fingerprint.Ledger` that raises on a
     reordered loader).
     """
-    settings = feature_settings(options, settings, where="featurize()")
+    settings = feature_settings(options, settings, where="featurize()", task=get_task(task))
     if isinstance(model, torch.nn.Module):
         device = compute_device(model, device)
     featurizer = Featurizer(model, checkpoint, task=task, settings=settings, model_id=model_id,

@@ -17,13 +17,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..features.featurizer import Featurizer
+from ..features.featurizer import Featurizer, FisherFeaturizer
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device
 from ..features.spec import FeatureSpec
 from ..features.tasks import Task, get_task
-from ..features.tasks.likelihood import LogLikelihoodTask, SampledLogLikelihoodTask
-from ..ops.projection import model_seed
 from ..scoring.fisher import fisher_scores
 from ..scoring.kernel import compute_kernels, kernel_blocks, kernel_row_weights
 from ..scoring.scores import add_checkpoint_scores, finish_ensemble
@@ -67,10 +65,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
     Returns:
         ``tau`` ``[n_train, n_targets]``, float32 on the CPU (float64 for a float64 model).
     """
-    features, scoring = split_options(options, features=features, scoring=scoring,
-                                      where="attribute()")
-    scoring.check_features(features)
     task = get_task(task)
+    features, scoring = split_options(options, features=features, scoring=scoring,
+                                      where="attribute()", task=task)
+    scoring.check_features(features)
     if isinstance(checkpoints, Mapping) or not isinstance(checkpoints, Sequence):
         raise TypeError("checkpoints must be a list of state_dicts, got "
                         f"{type(checkpoints).__name__}")
@@ -158,29 +156,28 @@ def _fisher_attribute(model, checkpoints, train, targets, task: Task, features: 
                       scoring: ScoreSettings, featurizer: Featurizer, device, progress: bool
                       ) -> torch.Tensor:
     """``curvature="fisher"`` (see :mod:`trak_fast.scoring.fisher`): per checkpoint, the train
-    log-likelihood gradients, the sampled-label gradients (the Fisher) and the targets' output
-    gradients, all with checkpoint ``m``'s projection; ``tau = mean_m(scores_m)``."""
+    log-likelihood and sampled-label gradients ``[G | S]`` in one pass over ``train``
+    (:class:`~trak_fast.features.featurizer.FisherFeaturizer`) and the targets' output
+    gradients ``T``, all with checkpoint ``m``'s projection; ``tau = mean_m(scores_m)``."""
     total = None
     examples = _SameExamples()
-    # The log-likelihood tasks differentiate the same parameters by the same paths as each other.
-    likelihood_spec = FeatureSpec(model, LogLikelihoodTask(task), features)
+    fisher_spec = None       # one per model, as for the targets' featurizer
     for model_id, checkpoint in enumerate(checkpoints):
-        def make(task_m, spec):
-            return Featurizer(model, checkpoint, task=task_m, settings=features,
-                              model_id=model_id, device=device, spec=spec)
         if model_id > 0:
-            featurizer = make(task, featurizer.spec)
-        seed = model_seed(features.seed, model_id)
+            featurizer = Featurizer(model, checkpoint, task=task, settings=features,
+                                    model_id=model_id, device=device, spec=featurizer.spec)
+        rows = FisherFeaturizer(model, checkpoint, task=task, settings=features,
+                                model_id=model_id, device=device, spec=fisher_spec)
+        fisher_spec = rows.spec
         ledgers = examples.ledgers()
-        g = _features(make(LogLikelihoodTask(task), likelihood_spec), train, "train",
-                      ledgers["train"], progress)[0]
-        s = _features(make(SampledLogLikelihoodTask(task, seed), likelihood_spec), train,
-                      "train (sampled labels)", None, progress)[0]
+        gs = _features(rows, train, "train", ledgers["train"], progress)[0]
         t = _features(featurizer, targets, "targets", ledgers["targets"], progress)[0]
-        examples.check(model_id, ledgers, g.shape[0], t.shape[0])
+        examples.check(model_id, ledgers, gs.shape[0], t.shape[0])
         if model_id == 0:
-            total = torch.zeros(g.shape[0], t.shape[0], dtype=torch.float64)
-        blocks = kernel_blocks(featurizer.layout, g.shape[1], scoring.kernel)
-        fisher_scores(g, s, t, blocks, scoring.lambda_reg, device=device, out=total)
+            total = torch.zeros(gs.shape[0], t.shape[0], dtype=torch.float64)
+        k = t.shape[1]
+        blocks = kernel_blocks(featurizer.layout, k, scoring.kernel)
+        fisher_scores(gs[:, :k], gs[:, k:], t, blocks, scoring.lambda_reg, device=device,
+                      out=total)
     dtype = torch.float64 if featurizer.dtype == torch.float64 else torch.float32
     return (total / len(checkpoints)).to(dtype)

@@ -5,7 +5,8 @@ Layout of a store directory::
     metadata.json                       settings, per-model and per-experiment state
     .lock                               flock'ed around every read-modify-write of metadata.json
     .lock-model_<id>                    flock'ed while checkpoint <id> is being featurized
-    model_<id>/features.npy             [n, k] float32 or float16   (phi_m, row i = train example i)
+    model_<id>/features.npy             [n, k] float32 or float16   (phi_m, row i = train example i;
+                                        [n, 2k] [G | S] with curvature "fisher", see TRAK)
     model_<id>/out_to_loss.npy          [n] float32                 (Q_m)
     model_<id>/examples.npy             [n, 2] uint64               (fingerprint of train example i)
     model_<id>/finished.npy             [n] uint8                   (1 = row i is written)
@@ -202,6 +203,9 @@ class Store:
     def _check_settings(self, stored: Dict[str, Any], settings: Dict[str, Any]) -> None:
         differences = [f"{key}: store has {stored.get(key)!r}, got {value!r}"
                        for key, value in settings.items() if stored.get(key) != value]
+        mine, theirs = settings.get("curvature", "kernel"), stored.get("curvature", "kernel")
+        if "curvature" not in settings and mine != theirs:   # recorded only when not "kernel"
+            differences.append(f"curvature: store has {theirs!r}, got {mine!r}")
         if differences:
             raise StoreMismatchError(
                 f"the store at {str(self.path)!r} was created with different settings:\n  "
@@ -256,6 +260,12 @@ class Store:
 
     # ---- per-model train arrays -------------------------------------------------------------
 
+    @property
+    def train_columns(self) -> int:
+        """Columns of ``features.npy``: ``k``, or ``2k`` (``[G | S]``) for the Fisher."""
+        k = self.settings["num_features"]
+        return 2 * k if self.settings.get("curvature", "kernel") == "fisher" else k
+
     def model_entry(self, model_id: int) -> Optional[Dict[str, Any]]:
         return self.metadata["models"].get(str(model_id))
 
@@ -266,7 +276,7 @@ class Store:
                           ) -> Tuple[np.memmap, np.memmap, np.memmap, np.memmap]:
         """``(features [n, k], out_to_loss [n], finished [n], examples [n, 2])`` memmaps,
         created if needed (``finished.npy`` last)."""
-        n, k = self.settings["train_size"], self.settings["num_features"]
+        n, k = self.settings["train_size"], self.train_columns
         folder = self.model_dir(model_id)
         folder.mkdir(exist_ok=True)
         paths = [folder / "features.npy", folder / "out_to_loss.npy", folder / "examples.npy",
@@ -345,7 +355,7 @@ class Store:
 
 
 def store_settings(features: FeatureSettings, spec: FeatureSpec, task: Task, train_size: int,
-                   grad_wrt: Optional[List[str]]) -> Dict[str, Any]:
+                   grad_wrt: Optional[List[str]], curvature: str = "kernel") -> Dict[str, Any]:
     """What a store records and checks on reopening (the keys of format version 2)."""
     settings = {
         "train_size": train_size, "proj_dim": spec.proj_dim, "kind": features.kind,
@@ -357,6 +367,8 @@ def store_settings(features: FeatureSettings, spec: FeatureSpec, task: Task, tra
     }
     if features.kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
         settings["nnz"] = features.nnz
+    if curvature != "kernel":      # likewise: [G | S] train rows (see TRAK's curvature)
+        settings["curvature"] = curvature
     return settings
 
 

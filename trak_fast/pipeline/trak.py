@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..features.featurizer import Featurizer
+from ..features.featurizer import Featurizer, FisherFeaturizer
 from ..features.layout import FeatureBlock
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device, grad_param_names
@@ -50,9 +50,11 @@ from ..features.spec import FeatureSpec
 from ..features.tasks import Task, get_task
 from ..scoring.kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
                               kernel_row_weights)
+from ..scoring.fisher import fisher_scores
 from ..scoring.scores import add_checkpoint_scores, finish_ensemble
 from ..scoring.top_k import TopK, top_k
-from ..settings import FeatureSettings, ScoreSettings, feature_settings, score_settings
+from ..settings import (CURVATURES, ESTIMATOR_FIELDS, FeatureSettings, ScoreSettings, check_choice,
+                        feature_settings, score_settings)
 from . import checks, distributed
 from .fingerprint import Ledger, check_rows, checkpoint_fingerprint
 from .store import check_name, open_store, save_array_atomic, store_settings, temp_path
@@ -81,6 +83,13 @@ class TRAK:
             the disk (scores then carry float16 rounding of the features, about 1e-3 relative).
         device: where to compute (``None``: the model's device).
         progress: tqdm progress bars (``False``: quiet).
+        curvature: what the store's train rows serve. ``"kernel"``: TRAK's ``Phi_m`` and
+            ``Q_m``. ``"fisher"``: per row the log-likelihood gradient and the gradient of
+            labels drawn from the model, ``[G | S]`` (``2k`` columns), scored with the
+            per-layer Fisher (:mod:`trak_fast.scoring.fisher`; ``finalize`` has nothing to
+            save). ``None``: the task's preference for these features (the built-in
+            language-modeling task prefers ``"fisher"``), else ``"kernel"``. Recorded in the
+            store.
 
     The settings that decide the features (``proj_dim``, ``kind``, ``seed``, ``grad_wrt``,
     ``feature_dtype``, ``projection``, ...), ``train_size``, the task's name and the number of
@@ -91,21 +100,25 @@ class TRAK:
     def __init__(self, save_dir: Union[str, os.PathLike], model: torch.nn.Module, *,
                  train_size: int, task: Union[str, Task] = "classification",
                  features: Optional[FeatureSettings] = None, device: Optional[Device] = None,
-                 progress: bool = True, **options: Any):
+                 progress: bool = True, curvature: Optional[str] = None, **options: Any):
         # Every setting is validated before the store is opened: the store records them on
         # creation, and a bad value written there would make the corrected call a mismatch.
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
             raise ValueError(f"train_size must be a positive int, got {train_size!r}")
-        self.settings = feature_settings(options, features, where="TRAK()")
-        self.model, self.task, self.progress = model, get_task(task), progress
+        self.task = get_task(task)
+        self.settings = feature_settings(options, features, where="TRAK()", task=self.task)
+        self.model, self.progress = model, progress
+        if curvature is None:
+            curvature = self.task.preferred_scoring(self.settings).get("curvature", "kernel")
+        self.curvature = check_choice("curvature", curvature, CURVATURES)
         self.device = distributed.local_device(compute_device(model, device), device)
         self.spec = FeatureSpec(model, self.task, self.settings)
         grad_wrt = self.settings.grad_wrt
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.store = open_store(save_dir, store_settings(
-            self.settings, self.spec, self.task, train_size, self.grad_wrt))
+            self.settings, self.spec, self.task, train_size, self.grad_wrt, self.curvature))
         self.train_size, self.layout = train_size, self.spec.layout
         self.num_features = self.spec.num_features
 
@@ -121,12 +134,17 @@ class TRAK:
 
     def _checked(self, checkpoint: Mapping[str, torch.Tensor], model_id: int, loader: Iterable[Batch],
                  what: str, expected: Optional[int] = None):
-        """``(featurizer, loader)`` after the up-front checks (:mod:`trak_fast.pipeline.checks`)."""
+        """``(featurizer, loader)`` after the up-front checks (:mod:`trak_fast.pipeline.checks`);
+        for the train rows (``expected`` given) of a Fisher store, their featurizer."""
         checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
         featurizer = self._featurizer(checkpoint, model_id)
         loader = checks.prepare_loader(loader, what, model=self.model, run=featurizer.run,
                                        task=self.task, device=self.device, passes=1,
                                        expected=expected)
+        if expected is not None and self.curvature == "fisher":
+            featurizer = FisherFeaturizer(self.model, checkpoint, task=self.task,
+                                          settings=self.settings, model_id=model_id,
+                                          device=self.device)
         return featurizer, loader
 
     # ---- train features ---------------------------------------------------------------------
@@ -204,6 +222,10 @@ class TRAK:
         """
         scoring = ScoreSettings(kernel=kernel, kernel_weights=kernel_weights)
         blocks = kernel_blocks(self.layout, self.num_features, kernel)
+        if self.curvature == "fisher":
+            logger.info("curvature='fisher': finalize has nothing to save (score solves each "
+                        "layer's Fisher from the stored rows)")
+            return
         models = self.store.metadata["models"]
         ids = sorted(int(i) for i in models) if model_ids is None else \
             [_check_model_id(i) for i in model_ids]
@@ -332,11 +354,7 @@ class TRAK:
         features, one pass over them per checkpoint.
         Returns a read-only memmap of ``experiment_<name>/scores.npy``.
         """
-        scoring = score_settings(options, scoring, where="TRAK.score()")
-        if scoring.curvature != "kernel":
-            raise ValueError("curvature='fisher' is computed by trak_fast.attribute() only, for "
-                             "now: the store keeps TRAK's train features, not the log-likelihood "
-                             "and sampled-label gradients that the Fisher scores need")
+        scoring = self._score_settings(scoring, options)
         name = check_name(name)
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is None:
@@ -383,12 +401,41 @@ class TRAK:
                 tmp.unlink(missing_ok=True)      # an error or Ctrl-C leaves no half-written scores
         return self.load_scores(name)
 
+    def _score_settings(self, scoring: Optional[ScoreSettings], options: Dict[str, Any]
+                        ) -> ScoreSettings:
+        """The scoring of :meth:`score`: the task's preferences where they match the store's
+        curvature, then ``scoring`` and ``options``; a curvature other than the store's raises."""
+        given = score_settings(options, scoring, where="TRAK.score()")    # checks the keywords
+        if scoring is None and not any(k in options for k in ESTIMATOR_FIELDS):
+            prefs = self.task.preferred_scoring(self.settings)
+            if prefs.get("curvature", "kernel") != self.curvature:
+                prefs = {"curvature": self.curvature}
+            given = score_settings({**prefs, **options}, where="TRAK.score()")
+        scoring = given
+        if scoring.curvature != self.curvature:
+            raise ValueError(f"this store holds the train rows of curvature={self.curvature!r} "
+                             f"(TRAK(curvature=...) when it was created); got "
+                             f"curvature={scoring.curvature!r}. Use a store created with "
+                             f"curvature={scoring.curvature!r} for those scores.")
+        return scoring
+
     def _score_columns(self, path: Any, name: str, ids: Sequence[int], scoring: ScoreSettings) -> None:
         """Writes this rank's target columns (all of them in one process) of the scores file."""
         out = np.lib.format.open_memmap(path, mode="r+")
         n, t = out.shape
         c0, c1 = distributed.share(t)
         if c0 == c1:
+            return
+        if self.curvature == "fisher":
+            total = torch.zeros(n, c1 - c0, dtype=torch.float64)
+            blocks = kernel_blocks(self.layout, self.num_features, scoring.kernel)
+            for model_id in ids:
+                rows = self.store.read_train_arrays(model_id)[0]          # [n, 2k]: [G | S]
+                targets = np.load(self.store.targets_path(name, model_id))[c0:c1]
+                fisher_scores(rows, None, targets, blocks, scoring.lambda_reg,
+                              device=self.device, out=total, sampled_offset=self.num_features)
+            out[:, c0:c1] = (total / len(ids)).numpy()
+            out.flush()
             return
         part = out if (c0, c1) == (0, t) else np.zeros((n, c1 - c0), dtype=np.float32)
         q_sum = torch.zeros(n, dtype=torch.float64)

@@ -55,23 +55,31 @@ class FisherSolve:
         return (v - self.s.T @ torch.cholesky_solve(self.s @ v, self.chol)) / self.lam
 
 
-def fisher_scores(train: ArrayLike, sampled: ArrayLike, targets: ArrayLike,
+def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: ArrayLike,
                   blocks: Sequence[FeatureBlock], c: float,
                   device: Optional[Union[str, torch.device]] = None,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, sampled_offset: int = 0) -> torch.Tensor:
     """``out += sum_l G_l (F_l + lambda_l I)^-1 T_l^T`` (see the module docstring); ``out``
     ``[n, t]`` float64 (created when ``None``). A layer whose sampled gradients are all zero
-    (its parameters do not affect the output) contributes nothing."""
-    def tensor(x):
-        return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).to(device)
-    g, s, t = tensor(train), tensor(sampled), tensor(targets)
+    (its parameters do not affect the output) contributes nothing. ``sampled=None``: ``S`` is
+    ``train[:, sampled_offset:]`` (a store's ``[G | S]`` rows, read a layer at a time)."""
+    def block(x, start, stop):
+        part = x[:, start:stop]
+        if isinstance(part, torch.Tensor):
+            return part.to(device=device, dtype=torch.float64)
+        return torch.from_numpy(np.array(part, dtype=np.float64)).to(device)
+    if sampled is None:
+        sampled, shift = train, sampled_offset
+    else:
+        shift = 0
+    t = targets if isinstance(targets, torch.Tensor) else torch.from_numpy(np.asarray(targets))
     if out is None:
-        out = torch.zeros(g.shape[0], t.shape[0], dtype=torch.float64)
-    for block in blocks:
-        s_l = s[:, block.start:block.stop]
+        out = torch.zeros(train.shape[0], t.shape[0], dtype=torch.float64)
+    for b in blocks:
+        s_l = block(sampled, b.start + shift, b.stop + shift)
         if not bool((s_l != 0).any()):
             continue
         solver = FisherSolve(s_l, c)
-        w = solver.solve(t[:, block.start:block.stop].double().T)            # [k_l, t]
-        out += (g[:, block.start:block.stop].double() @ w).cpu()
+        w = solver.solve(block(t, b.start, b.stop).T)                          # [k_l, t]
+        out += (block(train, b.start, b.stop) @ w).cpu()
     return out

@@ -33,7 +33,7 @@ model's ``{"input_ids": ..., "labels": ...}``::
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -100,17 +100,28 @@ class Task(abc.ABC):
                              f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
         return f.reshape(())
 
-    def log_likelihoods(self, model: ModelFn, batch: Any,
-                        sample_seed: "int | None" = None) -> torch.Tensor:
+    def log_likelihoods(self, model: ModelFn, batch: Any, draw: "Callable | None" = None
+                        ) -> torch.Tensor:
         """``[log p(y_b | x_b)]`` for a batch, shape ``[B]``, with the batch's labels, or with
-        labels drawn from the model when ``sample_seed`` is given: what
+        labels ``draw(logits)`` (logits ``[B, ..., V]`` -> labels ``[B, ...]``, drawn from the
+        model, each example at its own reproducible uniforms) when ``draw`` is given: what
         ``ScoreSettings(curvature="fisher")`` differentiates (see
         :mod:`trak_fast.features.tasks.likelihood`). Built in for classification and language
         modeling; a custom task defines it to use the Fisher curvature."""
         raise NotImplementedError(
             f"task {self.name!r} ({type(self).__name__}) does not define log_likelihoods(model, "
-            "batch, sample_seed=None), which curvature='fisher' needs; define it, or use "
+            "batch, draw=None), which curvature='fisher' needs; define it, or use "
             "curvature='kernel'")
+
+    def preferred_features(self) -> Dict[str, Any]:
+        """:class:`~trak_fast.FeatureSettings` fields this task prefers where the caller leaves
+        the projection unset (see :func:`trak_fast.settings.preferred`). Default: none."""
+        return {}
+
+    def preferred_scoring(self, features: Any) -> Dict[str, Any]:
+        """:class:`~trak_fast.ScoreSettings` fields this task prefers, for these ``features``,
+        where the caller leaves the estimator unset. Default: none (TRAK's kernel)."""
+        return {}
 
     @abc.abstractmethod
     def out_to_loss(self, model: ModelFn, batch: Any) -> torch.Tensor:

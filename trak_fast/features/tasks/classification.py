@@ -8,7 +8,6 @@ from torch.utils import _pytree as pytree
 
 ModelFn = Callable[..., torch.Tensor]
 
-from .likelihood import example_uniforms, sample_labels
 from .base import _INTEGER_DTYPES, Task, _batched_margin, _logits_of, _margin, batch_size_of
 
 
@@ -61,12 +60,13 @@ class ClassificationTask(Task):
         logits = self.logits(model, batch)
         return _batched_margin(logits, labels), self._q(logits.detach(), labels)
 
-    def log_likelihoods(self, model: ModelFn, batch: Any, sample_seed=None) -> torch.Tensor:
-        """``log softmax(logits_b)[y_b]``; with ``sample_seed``, ``y_b`` drawn from the model."""
+    def log_likelihoods(self, model: ModelFn, batch: Any, draw=None) -> torch.Tensor:
+        """``log softmax(logits_b)[y_b]``; with ``draw``, ``y_b = draw(logits)[b]`` (labels
+        drawn from the model)."""
         _, labels = self._split(batch)
         logits = self.logits(model, batch)
-        if sample_seed is not None:
-            labels = sample_labels(logits, example_uniforms(batch, sample_seed, 1)[:, 0])
+        if draw is not None:
+            labels = draw(logits)
         return torch.log_softmax(logits, dim=-1).gather(1, labels[:, None].long())[:, 0]
 
     @staticmethod

@@ -8,10 +8,11 @@ import torch
 ModelFn = Callable[..., torch.Tensor]
 
 from .base import _INTEGER_DTYPES, Task, batch_size_of
-from .likelihood import example_uniforms, sample_labels
 
 
 IGNORE_INDEX = -100
+#: ``factored_dims`` the task prefers (see :meth:`LanguageModelingTask.preferred_features`).
+LM_FACTORED_DIMS = (32, 32)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +97,23 @@ class LanguageModelingTask(Task):
     name = "language_modeling"
     fixed_shapes = False
 
+    def preferred_features(self) -> Dict[str, Any]:
+        """Factored ``32 x 32`` features per layer (``vec(P_out^T G P_in)``): on the
+        language-model LDS benchmark (``benchmarks/bench_lm_lds.py``) they scored level with
+        per-layer dense projections on the small model and above them on the medium one, at a
+        fraction of their cost (about a plain forward+backward pass; see the README)."""
+        return {"projection": "factored", "factored_dims": LM_FACTORED_DIMS}
+
+    def preferred_scoring(self, features: Any) -> Dict[str, Any]:
+        """The per-layer Fisher of labels drawn from the model (``curvature="fisher"``, see
+        :mod:`trak_fast.scoring.fisher`): a softmax over ``V`` tokens has a rank ``V - 1``
+        Fisher per token, which TRAK's one-direction-per-example kernel ``Phi^T Q Phi``
+        misses; on the LM benchmark it beat that kernel and the gradient dot product, level
+        with kronfluence's EK-FAC. One kernel over all columns for a dense projection (whose
+        columns mix the layers)."""
+        dense = features.projection == "dense" and features.proj_dim is not None
+        return {"curvature": "fisher", "kernel": "full" if dense else "per_layer"}
+
     def output(self, model: ModelFn, example: Any) -> torch.Tensor:
         batch = {key: value[None] for key, value in example.items()}
         logits = self._logits(model, batch)
@@ -115,16 +133,14 @@ class LanguageModelingTask(Task):
         margins, p, predicted = self._token_terms(logits, batch, fused=True)
         return torch.where(predicted, margins, 0.0).sum(-1), self._q(p.detach(), predicted)
 
-    def log_likelihoods(self, model: ModelFn, batch: Any, sample_seed=None) -> torch.Tensor:
-        """``sum_{t in S} log softmax(logits_t)[y_{t+1}]`` per sequence; with ``sample_seed``,
-        ``y_{t+1}`` drawn from ``softmax(logits_t)`` (see :mod:`.likelihood`)."""
+    def log_likelihoods(self, model: ModelFn, batch: Any, draw=None) -> torch.Tensor:
+        """``sum_{t in S} log softmax(logits_t)[y_{t+1}]`` per sequence; with ``draw``,
+        ``y_{t+1} = draw(logits)[:, t]``, drawn from ``softmax(logits_t)`` (see
+        :mod:`.likelihood`)."""
         logits = self._logits(model, batch)
         labels, predicted = self._next_tokens(batch)
         logits = logits[:, :-1]
-        if sample_seed is None:
-            target = torch.where(predicted, labels, 0)
-        else:
-            target = sample_labels(logits, example_uniforms(batch, sample_seed, logits.shape[1]))
+        target = torch.where(predicted, labels, 0) if draw is None else draw(logits)
         picked = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
         return torch.where(predicted, picked, 0.0).sum(-1)
 
