@@ -105,6 +105,11 @@ void check_config(const Config& cfg, int64_t batch, int64_t k, int64_t width, in
         for (int i = 0; i < per_thread; ++i) {
           const GVec v = g_vector(tid + i * kThreads, V);
           CHECK(v.m >= 0 && v.m < bm && v.kk >= 0 && v.kk + V <= kBlockK, "vector outside slice");
+          // The strided loader walks vector i as thread tid's first vector plus i passes.
+          const GVec v0 = g_vector(tid, V);
+          CHECK(v.m == v0.m + i * g_rows_per_pass(V) && v.kk == v0.kk,
+                "%s V=%d: thread %d vector %d is not its first plus %d passes", cfg.name, V, tid,
+                i, i);
           for (int e = 0; e < V; ++e) slot[v.m * kBlockK + v.kk + e]++;
           const int64_t b = blk.row0 + v.m, f = f0 + v.kk;
           auto read = [&](int64_t bb, int64_t ff) {

@@ -369,6 +369,20 @@ def test_non_contiguous_inputs(layout, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
+def test_strided_loader_large_tiles(precision):
+    """B > 64 takes the 128-row tiles (Tf32Large, Bf16Large; B = 130 leaves a ragged row tile,
+    k = 200 a ragged column tile and keeps bf16 on the fused kernel): strided g goes through the
+    scalar loader (issue 25 rewrote its address arithmetic), the contiguous copy (row stride
+    3000) through the 16-byte loads. Bitwise the same result."""
+    g = torch.randn(130, 6000, device="cuda")[:, ::2]
+    delta = project_into_poison(g, 200, seed=5, precision=precision)
+    rounded = reference(g.contiguous(), 200, seed=5, rounded_for=precision)
+    assert rel_err(delta, rounded) < ROUNDED_TOL[precision]
+    assert torch.equal(trak_fast.project(g, 200, seed=5, precision=precision),
+                       trak_fast.project(g.contiguous(), 200, seed=5, precision=precision))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 # (200, 4096) and (1, 4099) take the 16-byte load path (row stride a multiple of 8, or B == 1);
 # the other two the scalar path.

@@ -231,26 +231,40 @@ struct GLoader {
   __device__ __forceinline__ void load(const Params<TIn>& p, int64_t row0, int64_t f0,
                                        int64_t f_end) {
     const Raw* __restrict__ g = p.g;
-    // (The strided path keeps the checked form: its unchecked twin, 16 scalar loads with their
-    // own 64-bit addresses, spilled 144 bytes per thread next to the 128 accumulators.)
-    if (kVec && fast_index::g_slice_full(row0, Cfg::BM, p.batch, f0, f_end)) {
+    if constexpr (!kVec) {
+      // Strided (scalar) loads, checked. Vector i of thread t is g_vector(t + i * kThreads) =
+      // (row v0.m + i * kRowsPerPass, feature v0.kk) with v0 = g_vector(t): one feature per
+      // thread and a running element offset, so each load costs a 64-bit add instead of its own
+      // 64-bit address arithmetic. (With 16 such addresses, the 128 x 128 tf32 kernels spilled
+      // 24 bytes on sm_90, 20 on sm_80, and the 128 x 256 bf16 ones 12 on sm_80: issue 25. An
+      // unchecked variant spilled 144 bytes next to the 128 accumulators: issue 10.) The same
+      // elements go to the same registers as before: the g slice in shared memory is bit for
+      // bit the same.
+      constexpr int kRowsPerPass = fast_index::g_rows_per_pass(V);
+      const fast_index::GVec v0 = fast_index::g_vector(threadIdx.x, V);
+      const int64_t b0 = row0 + v0.m, f = f0 + v0.kk;
+      const bool f_ok = f < f_end;
+      const int64_t step = kRowsPerPass * p.g_stride_b;
+      int64_t off = b0 * p.g_stride_b + f * p.g_stride_f;
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        regs[i] = (f_ok && b0 + i * kRowsPerPass < p.batch) ? g[off] : Raw(0);
+        off += step;
+      }
+    } else {
+      if (fast_index::g_slice_full(row0, Cfg::BM, p.batch, f0, f_end)) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+          const fast_index::GVec v = fast_index::g_vector(threadIdx.x + i * kThreads, V);
+          const int64_t b = row0 + v.m, f = f0 + v.kk;
+          regs[i] = *reinterpret_cast<const uint4*>(g + b * p.g_stride_b + f);
+        }
+        return;
+      }
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const fast_index::GVec v = fast_index::g_vector(threadIdx.x + i * kThreads, V);
         const int64_t b = row0 + v.m, f = f0 + v.kk;
-        if constexpr (kVec) {
-          regs[i] = *reinterpret_cast<const uint4*>(g + b * p.g_stride_b + f);
-        } else {
-          regs[i] = g[b * p.g_stride_b + f * p.g_stride_f];
-        }
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const fast_index::GVec v = fast_index::g_vector(threadIdx.x + i * kThreads, V);
-      const int64_t b = row0 + v.m, f = f0 + v.kk;
-      if constexpr (kVec) {
         if (b < p.batch && f + V <= f_end) {
           regs[i] = *reinterpret_cast<const uint4*>(g + b * p.g_stride_b + f);
         } else {
@@ -260,8 +274,6 @@ struct GLoader {
             if (b < p.batch && f + e < f_end) set_raw_elem<Raw>(regs[i], e, g[b * p.g_stride_b + f + e]);
           }
         }
-      } else {
-        regs[i] = (b < p.batch && f < f_end) ? g[b * p.g_stride_b + f * p.g_stride_f] : Raw(0);
       }
     }
   }

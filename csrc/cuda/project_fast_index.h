@@ -70,6 +70,11 @@ TF_HD GVec g_vector(int vid, int vec) {
   const int per_row = kBlockK / vec;
   return {vid / per_row, (vid % per_row) * vec};
 }
+// Rows between a thread's vectors i and i + 1: g_vector(t + i * kThreads, vec) is
+// {g_vector(t, vec).m + i * g_rows_per_pass(vec), g_vector(t, vec).kk} (kThreads is a multiple
+// of kBlockK / vec), which the strided loader uses to walk one running offset.
+constexpr int g_rows_per_pass(int vec) { return kThreads / (kBlockK / vec); }
+static_assert(kThreads % kBlockK == 0, "a pass of the loader must cover whole slice rows");
 // The whole [bm, kBlockK] slice at (row0, f0) is inside g and the split: no bounds checks.
 TF_HD bool g_slice_full(int64_t row0, int bm, int64_t batch, int64_t f0, int64_t f_end) {
   return row0 + bm <= batch && f0 + kBlockK <= f_end;
