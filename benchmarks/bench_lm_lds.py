@@ -376,6 +376,13 @@ def method_table(args) -> Dict[str, tuple]:
             for unit in ("unit", "metric"):
                 table[f"Fisher[{space}] c=0.1, {unit}-norm train"] = (fisher(space, 0.1, unit_train=unit),
                     f"train rows divided by their {'norm' if unit == 'unit' else '(F+lambda)^-1 norm'}")
+    for chunks in args.fisher_chunks:
+        for space in ("factored32", "per_layer"):
+            for c in (0.01, 0.1):
+                table[f"Fisher[{space}] c={c:g}, {chunks} position chunks"] = (
+                    fisher(space, c, chunks=chunks),
+                    f"Fisher rows per (sequence, chunk of {chunks}): one label draw, the gradient of "
+                    "each chunk's sampled tokens its own row (cross-chunk terms dropped, as K-FAC does)")
     if args.only:
         table = {k: v for k, v in table.items() if any(s in k for s in args.only.split(","))}
     return table
@@ -546,6 +553,8 @@ def parse_args(argv=None):
                    help="feature spaces of the --library rows")
     p.add_argument("--library-kernels", default="per_layer",
                    help="kernels (per_layer, full) of the --library rows")
+    p.add_argument("--fisher-chunks", type=int, nargs="*", default=[],
+                   help="prototype rows: a Fisher row per (sequence, chunk of positions)")
     p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -564,7 +573,7 @@ def main(argv=None) -> dict:
     if out.exists():      # rows of a run replace the same rows of an earlier run with the same settings
         old = json.loads(out.read_text())
         rows_only = ("only", "no_kronfluence", "dampings", "threads", "sweep", "library",
-                     "library_spaces", "library_kernels")     # which rows, not how they are made
+                     "library_spaces", "library_kernels", "fisher_chunks")     # which rows, not how they are made
         same = {k: v for k, v in old["settings"].items() if k not in rows_only} == \
                {k: v for k, v in report["settings"].items() if k not in rows_only}
         if same:

@@ -141,6 +141,22 @@ class Checkpoint:
             elif kind == "loss":
                 feats = trak_fast.featurize(self.model, self.checkpoint, self.train,
                                             task=LogProbTask(), out_to_loss=False, **kwargs)
+            elif kind.startswith("fisher_chunks"):   # one draw; a row per (sequence, chunk of positions)
+                chunks = int(kind[13:])
+                sampled = sampled_label_batches(self.model, self.checkpoint, self.train,
+                                                seed=1_000 * self.model_id)
+                parts = []
+                for c in range(chunks):
+                    masked = []
+                    for batch in sampled:
+                        labels = batch["labels"].clone()
+                        positions = torch.arange(labels.shape[1])
+                        width = -(-labels.shape[1] // chunks)
+                        labels[:, (positions // width) != c] = -100
+                        masked.append({"input_ids": batch["input_ids"], "labels": labels})
+                    parts.append(trak_fast.featurize(self.model, self.checkpoint, masked,
+                                                     task=LogProbTask(), out_to_loss=False, **kwargs))
+                feats = trak_fast.Features(torch.cat([p.phi for p in parts]), None, parts[0].layout)
             elif kind.startswith("fisher"):      # "fisher" (fisher_draws draws), "fisher<d>", "fisher_rows<r>"
                 rows = int(kind[11:]) if kind.startswith("fisher_rows") else None
                 draws = 1 if rows else (int(kind[6:]) if kind[6:] else self.fisher_draws)
@@ -258,7 +274,7 @@ class LayerSolver:
 def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher", c: float = 0.1,
                           per_layer: bool = True, train_kind: str = "loss", unit_train: str = "none",
                           draws: Optional[int] = None, full_mean: bool = False,
-                          fisher_rows: Optional[int] = None):
+                          fisher_rows: Optional[int] = None, chunks: Optional[int] = None):
     """``S = sum_l g_l (F_l + lambda_l I)^-1 phi_{z,l}^T`` with ``F`` from ``curvature``:
 
     ``"fisher"`` (sampled labels; ``draws`` label draws per sequence), ``"empirical"`` (true-label loss gradients, the empirical
@@ -278,6 +294,7 @@ def preconditioned_scores(ck: Checkpoint, space: str, curvature: str = "fisher",
         g, q = feats.phi, feats.out_to_loss.double()
     if curvature == "fisher":
         kind = "fisher" if draws is None else f"fisher{draws}"
+        kind = kind if chunks is None else f"fisher_chunks{chunks}"
         x = ck.get(space, kind if fisher_rows is None else f"fisher_rows{fisher_rows}").phi
     elif curvature == "empirical":
         x = ck.get(space, "loss").phi

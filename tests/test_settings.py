@@ -111,3 +111,38 @@ def test_store_written_by_0_1_opens_and_scores_the_same(tmp_path):
     data = torch.load(DATA / "data.pt")
     trak.featurize_targets("val2", ckpt, digits.batches(data["xt"], data["yt"]), model_id=0)
     np.testing.assert_allclose(trak.score("val2"), before, rtol=1e-5, atol=1e-7)
+
+
+def test_a_task_fills_only_what_the_caller_leaves_unset():
+    from trak_fast.settings import split_options
+    lm, cls = trak_fast.LanguageModelingTask(), trak_fast.ClassificationTask()
+    # Classification has no preferences: the class defaults, as before.
+    assert split_options({}, task=cls) == (FeatureSettings(), ScoreSettings())
+    # Language modeling: factored 32 x 32 and the per-layer Fisher.
+    f, s = split_options({}, task=lm)
+    assert (f.projection, f.factored_dims) == ("factored", (32, 32))
+    assert (s.curvature, s.kernel, s.lambda_reg) == ("fisher", "per_layer", 0.05)
+    # A projection keyword chooses the projection; the Fisher stays, over all columns of a
+    # dense projection (one block), per layer otherwise.
+    f, s = split_options({"proj_dim": 512}, task=lm)
+    assert (f.projection, f.proj_dim, s.curvature, s.kernel) == ("dense", 512, "fisher", "full")
+    f, s = split_options({"projection": "per_layer"}, task=lm)
+    assert (f.projection, s.curvature, s.kernel) == ("per_layer", "fisher", "per_layer")
+    # An estimator keyword chooses the estimator: TRAK's kernel with its own defaults.
+    f, s = split_options({"kernel_weights": "none"}, task=lm)
+    assert f.projection == "factored" and (s.curvature, s.kernel, s.lambda_reg) == ("kernel", "full", 3.0)
+    # lambda_reg alone keeps the preferred estimator (it is relative either way).
+    assert split_options({"lambda_reg": 0.2}, task=lm)[1].lambda_reg == 0.2
+    # Objects passed whole are used as given.
+    f, s = split_options({}, features=FeatureSettings(), scoring=ScoreSettings(), task=lm)
+    assert (f, s) == (FeatureSettings(), ScoreSettings())
+
+
+def test_trak_store_curvature_follows_the_task_and_can_be_chosen(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(9, 4), torch.nn.Linear(4, 9))
+    lm = dict(task="language_modeling", train_size=4, progress=False)
+    assert TRAK(tmp_path / "a", model, **lm).curvature == "fisher"
+    assert TRAK(tmp_path / "b", model, curvature="kernel", **lm).curvature == "kernel"
+    assert TRAK(tmp_path / "c", model, train_size=4, progress=False).curvature == "kernel"
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        TRAK(tmp_path / "d", model, curvature="hessian", **lm)
