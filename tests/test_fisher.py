@@ -123,7 +123,7 @@ def test_fisher_rows_are_the_same_on_the_hook_and_vmap_paths():
         def forward(self, input_ids, attention_mask=None, position_ids=None):
             return self.out(torch.tanh(self.emb(input_ids) + self.pos(position_ids)))
     model = TinyLM().double()
-    task = trak_fast.LanguageModelingTask()
+    task = trak_fast.LanguageModelingTask(fisher_chunks=1)
     ids = torch.randint(0, 11, (4, 7))
     mask = torch.ones(4, 7, dtype=torch.long)
     mask[1, 5:] = 0
@@ -137,3 +137,27 @@ def test_fisher_rows_are_the_same_on_the_hook_and_vmap_paths():
     assert rows["hooks"][:, k:].abs().sum() > 0
     assert not torch.allclose(rows["hooks"][:, :k], rows["hooks"][:, k:])   # other labels
     torch.testing.assert_close(rows["vmap"], rows["hooks"], rtol=1e-10, atol=1e-12)
+    # Chunk rows split the positions: for each example they sum to its one-chunk row (raw
+    # gradients and the factored projection alike), and each chunk holds only its positions.
+    for settings in (trak_fast.FeatureSettings(proj_dim=None),
+                     trak_fast.FeatureSettings(projection="factored", factored_dims=(3, 4))):
+        one = FisherFeaturizer(model, model.state_dict(), task=task, settings=settings,
+                               model_id=3).compute(batch, 4)[0]
+        k = one.shape[1] // 2
+        chunked = FisherFeaturizer(model, model.state_dict(), settings=settings, model_id=3,
+                                   task=trak_fast.LanguageModelingTask(fisher_chunks=3)
+                                   ).compute(batch, 4)[0]
+        assert chunked.shape == (4, 4 * k)
+        torch.testing.assert_close(chunked[:, :k], one[:, :k], rtol=0, atol=0)       # G
+        parts = chunked[:, k:].reshape(4, 3, k)
+        torch.testing.assert_close(parts.sum(1), one[:, k:], rtol=1e-10, atol=1e-12)
+        # 7 positions in chunks of 3, 3, 1: the last holds position 6 alone, which predicts
+        # nothing (and this model mixes no positions), so its row is zero; the others are not.
+        norms = parts.abs().sum(-1)
+        assert (norms[:, :2] > 0).all() and (norms[:, 2] == 0).all()
+    # Parameters on the vmap path (no positions there): one row per example, as with 1 chunk.
+    on_vmap = FisherFeaturizer(model, model.state_dict(), task=trak_fast.LanguageModelingTask(),
+                               settings=trak_fast.FeatureSettings(proj_dim=None, gradients="vmap"),
+                               model_id=3)
+    assert on_vmap.chunks == 1
+    torch.testing.assert_close(on_vmap.compute(batch, 4)[0], rows["vmap"], rtol=0, atol=0)

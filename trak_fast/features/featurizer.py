@@ -31,7 +31,7 @@ from .gradients import describe_paths, gradient_paths, without_modules
 from .gradients.dense import dense_tap
 from .gradients.factored import FactoredMatrices, factored_tap
 from .gradients.hook_pass import hooked_pass
-from .gradients.hooks import LayerTap
+from .gradients.hooks import LayerTap, position_chunks
 from .gradients.vmap import vmap_features
 from .gradients.writer import FeatureWriter
 from .model import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
@@ -57,6 +57,10 @@ class Featurizer:
         device: where gradients are computed (``None``: the model's parameter device).
         spec: the :class:`~trak_fast.features.spec.FeatureSpec` of ``model``, ``task`` and
             ``settings``, when the caller has it already (one per model, not per checkpoint).
+        position_chunks: ``C > 1`` gives ``C`` feature rows per example, one per chunk of
+            its positions, laid side by side (``phi [B, C k]``; see
+            :func:`~trak_fast.features.gradients.hooks.position_chunks`): the Fisher rows of
+            :class:`FisherFeaturizer`. Hook path only.
 
     ``num_features`` is ``k``; ``layout`` lists the :class:`FeatureBlock` of each group of
     columns; ``plan`` says which parameters take hooks and which vmap.
@@ -66,7 +70,7 @@ class Featurizer:
                  task: Union[str, Task] = "classification",
                  settings: Optional[FeatureSettings] = None, model_id: int = 0,
                  device: Optional[Device] = None, spec: Optional[FeatureSpec] = None,
-                 **options: Any):
+                 position_chunks: int = 1, **options: Any):
         self.task = get_task(task)
         settings = feature_settings(options, settings, where="Featurizer()", task=self.task)
         if spec is None:
@@ -74,6 +78,7 @@ class Featurizer:
         elif spec.settings != settings:
             raise ValueError("spec was built for other feature settings than settings")
         self.model, self.settings, self.spec = model, settings, spec
+        self.chunks = position_chunks
         self.seed = model_seed(settings.seed, model_id)
         self.device = torch.device(device) if device is not None else model_device(model)
         self.params, self.buffers = checkpoint_tensors(model, checkpoint, self.device,
@@ -119,9 +124,12 @@ class Featurizer:
     # ---- the strategies -----------------------------------------------------------------------
 
     def _taps(self, phi: torch.Tensor, batch_size: int) -> List[LayerTap]:
+        rows = batch_size * self.chunks           # phi's rows: one per (example, chunk)
         if self.settings.projection == "factored":
-            return [factored_tap(t, self.matrices, self.spec.offsets, phi) for t in self.plan.modules]
-        return [dense_tap(t, self.writer, phi, batch_size, self._budget()) for t in self.plan.modules]
+            taps = [factored_tap(t, self.matrices, self.spec.offsets, phi) for t in self.plan.modules]
+        else:
+            taps = [dense_tap(t, self.writer, phi, rows, self._budget()) for t in self.plan.modules]
+        return [position_chunks(tap, self.chunks) for tap in taps]
 
     def _hook_features(self, batch: Batch, batch_size: int, phi: torch.Tensor):
         try:
@@ -181,8 +189,10 @@ class Featurizer:
 
     def features_and_out_to_loss(self, batch: Batch, batch_size: int
                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(phi [B, k], Q [B])`` for one batch on the device: the hook pass, then vmap."""
-        phi = torch.zeros(batch_size, self.num_features, dtype=self.dtype, device=self.device)
+        """``(phi [B, k], Q [B])`` for one batch on the device: the hook pass, then vmap
+        (``phi [B, C k]`` with ``position_chunks = C``)."""
+        phi = torch.zeros(batch_size * self.chunks, self.num_features, dtype=self.dtype,
+                          device=self.device)
         if self.plan.hooked:
             q, skipped = self._hook_features(batch, batch_size, phi)
             while skipped:        # found on the first batch only: redo it with the new plan
@@ -194,8 +204,14 @@ class Featurizer:
             q = self.out_to_loss(batch)     # first: validates the batch against the model cheaply
         self._log_paths()
         if self.plan.vmapped:
+            if self.chunks > 1:
+                raise ValueError(
+                    f"Fisher rows per chunk of positions (fisher_chunks={self.chunks}) need every "
+                    f"parameter on the hook path; {self.plan.vmapped[:4]} take vmap. Use "
+                    "projection='factored' (which leaves them out), grad_wrt= without them, or "
+                    "a task with fisher_chunks=1")
             self._run_vmap(batch, batch_size, phi)
-        return phi, q
+        return phi.reshape(batch_size, -1), q
 
     def compute(self, batch: Batch, size: int, *, where: str = "batch",
                 out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -234,7 +250,13 @@ class FisherFeaturizer:
     the batch's own labels (columns ``:k``) and of labels drawn from the model (columns
     ``k:``; each example's draw is a function of the example and the checkpoint's seed, so a
     resumed or re-batched run draws the same), and ``Q = 1`` (the Fisher scores use none).
-    Both in the feature space of ``settings``, with checkpoint ``model_id``'s projection."""
+    Both in the feature space of ``settings``, with checkpoint ``model_id``'s projection.
+
+    With the task's ``fisher_chunks = C > 1`` (the language-modeling task's default), ``S``
+    has ``C`` rows per example side by side (``[G | S_1 | ... | S_C]``, ``(1 + C) k``
+    columns): the sampled-label gradient of each chunk of the example's positions, so the
+    Fisher is estimated from ``C n`` rows at the cost of one backward pass (the cross-chunk
+    terms are dropped, as K-FAC drops cross-token ones)."""
 
     def __init__(self, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], *,
                  task: Union[str, Task], settings: FeatureSettings, model_id: int = 0,
@@ -249,17 +271,33 @@ class FisherFeaturizer:
                               model_id=model_id, device=device, spec=spec)
         self.loglik = make(LogLikelihoodTask(self.task))
         self.sampling = SampledLogLikelihoodTask(self.task, self.loglik.seed)
-        self.sampled = make(self.sampling)
+        self.chunks = fisher_chunks_of(self.task, spec)
+        self.sampled = Featurizer(model, checkpoint, task=self.sampling, settings=settings,
+                                  model_id=model_id, device=device, spec=spec,
+                                  position_chunks=self.chunks)
 
-    num_features = property(lambda self: 2 * self.spec.num_features)
+    num_features = property(lambda self: (1 + self.chunks) * self.spec.num_features)
     layout = property(lambda self: self.spec.layout)       # of G's (and S's) k columns
     gradient_paths = property(lambda self: self.loglik.gradient_paths)
 
     def compute(self, batch: Batch, size: int, *, where: str = "batch",
                 out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``([G | S] [B, 2k], ones [B] or None)`` for one batch checked by the loop."""
+        """``([G | S] [B, (1 + C) k], ones [B] or None)`` for one batch checked by the loop."""
         g = self.loglik.compute(batch, size, where=where, out_to_loss=False)[0]
         s = self.sampled.compute(self.sampling.keyed(batch), size, out_to_loss=False,
                                  where=f"{where} (labels drawn from the model)")[0]
         q = torch.ones(size, dtype=torch.float32) if out_to_loss else None
         return torch.cat([g, s], dim=1), q
+
+
+def fisher_chunks_of(task: Task, spec: Optional[FeatureSpec] = None) -> int:
+    """The task's ``fisher_chunks`` (an int >= 1; 1 when it has none), or 1 when ``spec``
+    sends parameters to the vmap path, which has no chunks (logged)."""
+    chunks = getattr(task, "fisher_chunks", 1)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"task {task.name!r}: fisher_chunks must be an int >= 1, got {chunks!r}")
+    if chunks > 1 and spec is not None and spec.plan.vmapped:
+        logger.info("curvature='fisher': one Fisher row per example, not %d: %s take the vmap "
+                    "path, which has no chunks of positions", chunks, spec.plan.vmapped[:4])
+        return 1
+    return chunks

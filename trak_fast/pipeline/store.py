@@ -6,7 +6,8 @@ Layout of a store directory::
     .lock                               flock'ed around every read-modify-write of metadata.json
     .lock-model_<id>                    flock'ed while checkpoint <id> is being featurized
     model_<id>/features.npy             [n, k] float32 or float16   (phi_m, row i = train example i;
-                                        [n, 2k] [G | S] with curvature "fisher", see TRAK)
+                                        [n, (1 + C) k] [G | S_1 .. S_C] with curvature
+                                        "fisher", C = fisher_chunks, see TRAK)
     model_<id>/out_to_loss.npy          [n] float32                 (Q_m)
     model_<id>/examples.npy             [n, 2] uint64               (fingerprint of train example i)
     model_<id>/finished.npy             [n] uint8                   (1 = row i is written)
@@ -262,9 +263,12 @@ class Store:
 
     @property
     def train_columns(self) -> int:
-        """Columns of ``features.npy``: ``k``, or ``2k`` (``[G | S]``) for the Fisher."""
+        """Columns of ``features.npy``: ``k``, or ``(1 + C) k`` (``[G | S_1 .. S_C]``, ``C`` the
+        task's ``fisher_chunks``) for the Fisher."""
         k = self.settings["num_features"]
-        return 2 * k if self.settings.get("curvature", "kernel") == "fisher" else k
+        if self.settings.get("curvature", "kernel") != "fisher":
+            return k
+        return (1 + self.settings.get("fisher_chunks", 1)) * k
 
     def model_entry(self, model_id: int) -> Optional[Dict[str, Any]]:
         return self.metadata["models"].get(str(model_id))
@@ -355,7 +359,8 @@ class Store:
 
 
 def store_settings(features: FeatureSettings, spec: FeatureSpec, task: Task, train_size: int,
-                   grad_wrt: Optional[List[str]], curvature: str = "kernel") -> Dict[str, Any]:
+                   grad_wrt: Optional[List[str]], curvature: str = "kernel",
+                   fisher_chunks: int = 1) -> Dict[str, Any]:
     """What a store records and checks on reopening (the keys of format version 2)."""
     settings = {
         "train_size": train_size, "proj_dim": spec.proj_dim, "kind": features.kind,
@@ -367,8 +372,9 @@ def store_settings(features: FeatureSettings, spec: FeatureSpec, task: Task, tra
     }
     if features.kind == "sparse":  # recorded only for sparse, so dense stores keep their settings
         settings["nnz"] = features.nnz
-    if curvature != "kernel":      # likewise: [G | S] train rows (see TRAK's curvature)
+    if curvature != "kernel":      # likewise: [G | S_1 .. S_C] train rows (see TRAK's curvature)
         settings["curvature"] = curvature
+        settings["fisher_chunks"] = fisher_chunks
     return settings
 
 

@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..features.featurizer import Featurizer, FisherFeaturizer
+from ..features.featurizer import Featurizer, FisherFeaturizer, fisher_chunks_of
 from ..features.layout import FeatureBlock
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device, grad_param_names
@@ -118,7 +118,8 @@ class TRAK:
         grad_wrt = self.settings.grad_wrt
         self.grad_wrt = None if grad_wrt is None else grad_param_names(model, grad_wrt)
         self.store = open_store(save_dir, store_settings(
-            self.settings, self.spec, self.task, train_size, self.grad_wrt, self.curvature))
+            self.settings, self.spec, self.task, train_size, self.grad_wrt, self.curvature,
+            fisher_chunks_of(self.task, self.spec)))
         self.train_size, self.layout = train_size, self.spec.layout
         self.num_features = self.spec.num_features
 
@@ -433,7 +434,8 @@ class TRAK:
                 rows = self.store.read_train_arrays(model_id)[0]          # [n, 2k]: [G | S]
                 targets = np.load(self.store.targets_path(name, model_id))[c0:c1]
                 fisher_scores(rows, None, targets, blocks, scoring.lambda_reg,
-                              device=self.device, out=total, sampled_offset=self.num_features)
+                              device=self.device, out=total, sampled_offset=self.num_features,
+                              chunks=self.store.settings.get("fisher_chunks", 1))
             out[:, c0:c1] = (total / len(ids)).numpy()
             out.flush()
             return

@@ -2,10 +2,11 @@
 
 With ``G [n, k]`` the train examples' log-likelihood gradients (``-grad loss_i``, projected),
 ``S [n_f, k]`` the gradients of labels sampled from the model (projected the same way, see
-:mod:`trak_fast.features.tasks.likelihood`) and ``T [t, k]`` the targets' output gradients, for
-each layer ``l`` of the feature layout (its columns)::
+:mod:`trak_fast.features.tasks.likelihood`; ``n_f = C n`` rows, one per chunk of positions of
+each example, when the task's ``fisher_chunks = C``) and ``T [t, k]`` the targets' output
+gradients, for each layer ``l`` of the feature layout (its columns)::
 
-    F_l      = S_l^T S_l / n_f                        # the projected true Fisher of layer l
+    F_l      = S_l^T S_l / n                          # the projected true Fisher of layer l
     lambda_l = c * tr(F_l) / min(k_l, n_f)            # c times F_l's mean nonzero eigenvalue
     scores   = sum_l G_l (F_l + lambda_l I)^-1 T_l^T  # [n, t]
 
@@ -13,8 +14,9 @@ the influence-function estimate of how much up-weighting train example ``i`` rai
 ``z``'s output, with block-diagonal (per layer) curvature: EK-FAC's structure, in the projected
 space. ``F_l`` has rank at most ``min(k_l, n_f)``, so the damping is relative to the mean of its
 (at most that many) nonzero eigenvalues: one ``c`` serves projected layers (``k_l < n_f``, where
-this is the plain mean eigenvalue) and raw gradients (``proj_dim=None``, ``k_l >> n_f``) alike. Solved in float64 by Cholesky of ``F_l + lambda_l I`` (``[k_l, k_l]``) when ``k_l <= n_f``,
-else through the ``[n_f, n_f]`` Gram matrix (Woodbury):
+this is the plain mean eigenvalue) and raw gradients (``proj_dim=None``, ``k_l >> n_f``)
+alike. Solved in float64 by Cholesky of ``F_l + lambda_l I`` (``[k_l, k_l]``) when
+``k_l <= n_f``, else through the ``[n_f, n_f]`` Gram matrix (Woodbury):
 ``(S^T S / n + lambda I)^-1 = (I - S^T (n lambda I + S S^T)^-1 S) / lambda``.
 """
 from __future__ import annotations
@@ -30,27 +32,32 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 class FisherSolve:
-    """``(F + lambda I)^-1`` of ``F = S^T S / n_f``, ``lambda = c tr(F) / min(k, n_f)``, float64."""
+    """``(F + lambda I)^-1`` of ``F = S^T S / n``, ``lambda = c tr(F) / min(k, n_f)``, float64
+    (``S [n_f, k]``; ``n`` the number of examples, ``n_f`` by default: ``n_f = C n`` rows
+    when each example gives ``C`` chunk rows)."""
 
-    def __init__(self, s: torch.Tensor, c: float):
+    def __init__(self, s: torch.Tensor, c: float, n: Optional[int] = None):
         self.s = s.double()
         n_f, k = self.s.shape
-        self.n_f, self.k = n_f, k
-        self.trace = float((self.s * self.s).sum()) / n_f
+        n = n_f if n is None else n
+        self.n_f, self.k = n, k          # the Gram form below divides by n, as F does
+        self.rows = n_f
+        self.trace = float((self.s * self.s).sum()) / n
         self.lam = c * self.trace / min(k, n_f)
         if self.lam <= 0:
             raise ValueError("curvature='fisher' needs lambda_reg > 0 (relative to the mean "
                              "eigenvalue of each layer's Fisher)")
-        eye = torch.eye(min(k, n_f), dtype=torch.float64, device=self.s.device)
         if k <= n_f:
-            self.chol = torch.linalg.cholesky(self.s.T @ self.s / n_f + self.lam * eye)
+            eye = torch.eye(k, dtype=torch.float64, device=self.s.device)
+            self.chol = torch.linalg.cholesky(self.s.T @ self.s / n + self.lam * eye)
         else:
-            self.chol = torch.linalg.cholesky(self.s @ self.s.T + n_f * self.lam * eye)
+            eye = torch.eye(n_f, dtype=torch.float64, device=self.s.device)
+            self.chol = torch.linalg.cholesky(self.s @ self.s.T + n * self.lam * eye)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``(F + lambda I)^-1 v`` for ``v [k, r]``."""
         v = v.double()
-        if self.k <= self.n_f:
+        if self.k <= self.rows:
             return torch.cholesky_solve(v, self.chol)
         return (v - self.s.T @ torch.cholesky_solve(self.s @ v, self.chol)) / self.lam
 
@@ -58,11 +65,14 @@ class FisherSolve:
 def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: ArrayLike,
                   blocks: Sequence[FeatureBlock], c: float,
                   device: Optional[Union[str, torch.device]] = None,
-                  out: Optional[torch.Tensor] = None, sampled_offset: int = 0) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, sampled_offset: int = 0,
+                  chunks: int = 1) -> torch.Tensor:
     """``out += sum_l G_l (F_l + lambda_l I)^-1 T_l^T`` (see the module docstring); ``out``
     ``[n, t]`` float64 (created when ``None``). A layer whose sampled gradients are all zero
-    (its parameters do not affect the output) contributes nothing. ``sampled=None``: ``S`` is
-    ``train[:, sampled_offset:]`` (a store's ``[G | S]`` rows, read a layer at a time)."""
+    (its parameters do not affect the output) contributes nothing. ``sampled [n, C k]``:
+    ``C = chunks`` rows of the Fisher per example side by side (``F_l`` from all ``C n`` of
+    them, divided by ``n``); ``None``: they are ``train[:, sampled_offset:]`` (a store's
+    ``[G | S]`` rows, read a layer at a time)."""
     def block(x, start, stop):
         part = x[:, start:stop]
         if isinstance(part, torch.Tensor):
@@ -73,13 +83,15 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
     else:
         shift = 0
     t = targets if isinstance(targets, torch.Tensor) else torch.from_numpy(np.asarray(targets))
+    n_fisher, k = sampled.shape[0], t.shape[1]      # examples the Fisher comes from
     if out is None:
         out = torch.zeros(train.shape[0], t.shape[0], dtype=torch.float64)
     for b in blocks:
-        s_l = block(sampled, b.start + shift, b.stop + shift)
+        s_l = torch.cat([block(sampled, shift + j * k + b.start, shift + j * k + b.stop)
+                         for j in range(chunks)])                              # [C n, k_l]
         if not bool((s_l != 0).any()):
             continue
-        solver = FisherSolve(s_l, c)
+        solver = FisherSolve(s_l, c, n=n_fisher)
         w = solver.solve(block(t, b.start, b.stop).T)                          # [k_l, t]
         out += (block(train, b.start, b.stop) @ w).cpu()
     return out

@@ -88,6 +88,33 @@ class _Tap(torch.autograd.Function):
         return torch.zeros((), dtype=grad.dtype, device=grad.device), grad, None
 
 
+def position_chunks(tap: "LayerTap", chunks: int) -> "LayerTap":
+    """``tap`` with each example's positions cut into ``chunks`` consecutive chunks, each its
+    own row: the backward callback sees ``[B * chunks, ceil(T / chunks), ...]`` (row
+    ``b * chunks + c`` holds chunk ``c`` of example ``b``; the last chunk zero-padded, which
+    adds nothing) instead of ``[B, T, ...]``, so its per-row features are per (example,
+    chunk). For sequence layers (inputs ``[B, T]`` ids or ``[B, T, d]``) only."""
+    if chunks == 1:
+        return tap
+
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or (x.dim() == 2 and x.is_floating_point()):
+            raise ValueError(
+                f"Fisher rows per chunk of positions (fisher_chunks={chunks}) need sequence "
+                f"layers, inputs [B, T] of ids or [B, T, d]; {type(tap.module).__name__} gave "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}: use a "
+                "task with fisher_chunks=1")
+        length = -(-x.shape[1] // chunks) * chunks
+        if length != x.shape[1]:
+            pad = x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])
+            x = torch.cat([x, pad], dim=1)
+        return x.reshape(x.shape[0] * chunks, length // chunks, *x.shape[2:])
+
+    def on_grad(state, grad: torch.Tensor) -> None:
+        tap.on_grad(cut(state), cut(grad))
+    return tap._replace(on_grad=on_grad)
+
+
 class LayerTap(NamedTuple):
     """A tracked module and what to do with its input (forward) and output gradient (backward)."""
 

@@ -69,6 +69,9 @@ class Task(abc.ABC):
     #: Whether every batch of a loader holds examples of one shape (checked batch to batch).
     #: Set False for variable-length inputs such as dynamically padded text.
     fixed_shapes: bool = True
+    #: Rows of the Fisher (``curvature="fisher"``) per example: ``C > 1`` cuts each example's
+    #: positions into ``C`` chunks, one sampled-label gradient each (sequence models only).
+    fisher_chunks: int = 1
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if _definer(cls, "output") is Task and _definer(cls, "outputs") is Task:
