@@ -38,6 +38,7 @@ Writes ``benchmarks/results/bench_lm_lds[_<size>][_completion].json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import hashlib
 import importlib
 import inspect
@@ -308,16 +309,18 @@ def method_table(args) -> Dict[str, tuple]:
         "library's form of the per-layer sampled-label Fisher (default damping 0.01)")
     if args.library:        # the library's curvature="fisher" in each feature space, by damping
         for space in args.library_spaces.split(","):
-            for c in args.dampings:
-                for kernel in args.library_kernels.split(","):
-                    tag = "" if kernel == "per_layer" else f" kernel={kernel}"
-                    table[f"trak_fast fisher[{space}] c={c:g}{tag}"] = (
-                        lambda ck, space=space, c=c, kernel=kernel: (trak_fast.attribute(
-                            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-                            **dict(L.SPACES[space], seed=ck.model_id), kernel=kernel,
-                            curvature="fisher", lambda_reg=c, progress=False).double(), None),
-                        f"trak_fast.attribute(curvature='fisher', kernel={kernel!r}, lambda_reg={c:g}), "
-                        f"{space} features (each row featurizes anew: its seconds are the whole call)")
+            for c, kernel, chunks in itertools.product(args.dampings, args.library_kernels.split(","),
+                                                       args.library_chunks):
+                tag = ("" if kernel == "per_layer" else f" kernel={kernel}") + \
+                    ("" if chunks == 4 else f" {chunks} chunk(s)")
+                table[f"trak_fast fisher[{space}] c={c:g}{tag}"] = (
+                    lambda ck, space=space, c=c, kernel=kernel, chunks=chunks: (trak_fast.attribute(
+                        ck.model, [ck.checkpoint], ck.train, ck.targets,
+                        task=trak_fast.LanguageModelingTask(fisher_chunks=chunks),
+                        **dict(L.SPACES[space], seed=ck.model_id), kernel=kernel,
+                        curvature="fisher", lambda_reg=c, progress=False).double(), None),
+                    f"trak_fast.attribute(curvature='fisher', kernel={kernel!r}, lambda_reg={c:g}), "
+                    f"{space} features (each row featurizes anew: its seconds are the whole call)")
     fisher = lambda space, c, **kw: (lambda ck: L.preconditioned_scores(ck, space, "fisher", c, **kw))
     # The headline rows (c = 0.1: kronfluence's heuristic damping, fixed before the run; the raw
     # space's rank-n_f Fisher needs more: c = 1, chosen by the --sweep rows).
@@ -553,6 +556,9 @@ def parse_args(argv=None):
                    help="feature spaces of the --library rows")
     p.add_argument("--library-kernels", default="per_layer",
                    help="kernels (per_layer, full) of the --library rows")
+    p.add_argument("--library-chunks", type=int, nargs="+", default=[4],
+                   help="Fisher rows per sequence (LanguageModelingTask(fisher_chunks=...)) of "
+                   "the --library rows (4, the default, is left out of the row names)")
     p.add_argument("--fisher-chunks", type=int, nargs="*", default=[],
                    help="prototype rows: a Fisher row per (sequence, chunk of positions)")
     p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
@@ -573,7 +579,7 @@ def main(argv=None) -> dict:
     if out.exists():      # rows of a run replace the same rows of an earlier run with the same settings
         old = json.loads(out.read_text())
         rows_only = ("only", "no_kronfluence", "dampings", "threads", "sweep", "library",
-                     "library_spaces", "library_kernels", "fisher_chunks")     # which rows, not how they are made
+                     "library_spaces", "library_kernels", "library_chunks", "fisher_chunks")     # which rows, not how they are made
         same = {k: v for k, v in old["settings"].items() if k not in rows_only} == \
                {k: v for k, v in report["settings"].items() if k not in rows_only}
         if same:

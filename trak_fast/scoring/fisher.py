@@ -37,21 +37,24 @@ class FisherSolve:
     when each example gives ``C`` chunk rows)."""
 
     def __init__(self, s: torch.Tensor, c: float, n: Optional[int] = None):
-        self.s = s.double()
-        n_f, k = self.s.shape
+        # The Gram matrix in the rows' own precision (float32 features: a float32 GEMM, half
+        # the time; its rounding is far below the damping), everything after it in float64.
+        n_f, k = s.shape
         n = n_f if n is None else n
         self.n_f, self.k = n, k          # the Gram form below divides by n, as F does
         self.rows = n_f
-        self.trace = float((self.s * self.s).sum()) / n
+        self.trace = float(s.double().square().sum()) / n
         self.lam = c * self.trace / min(k, n_f)
         if self.lam <= 0:
             raise ValueError("curvature='fisher' needs lambda_reg > 0 (relative to the mean "
                              "eigenvalue of each layer's Fisher)")
+        self.s = None
         if k <= n_f:
-            eye = torch.eye(k, dtype=torch.float64, device=self.s.device)
-            self.chol = torch.linalg.cholesky(self.s.T @ self.s / n + self.lam * eye)
+            eye = torch.eye(k, dtype=torch.float64, device=s.device)
+            self.chol = torch.linalg.cholesky((s.T @ s).double() / n + self.lam * eye)
         else:
-            eye = torch.eye(n_f, dtype=torch.float64, device=self.s.device)
+            self.s = s.double()
+            eye = torch.eye(n_f, dtype=torch.float64, device=s.device)
             self.chol = torch.linalg.cholesky(self.s @ self.s.T + n * self.lam * eye)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
@@ -73,11 +76,11 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
     ``C = chunks`` rows of the Fisher per example side by side (``F_l`` from all ``C n`` of
     them, divided by ``n``); ``None``: they are ``train[:, sampled_offset:]`` (a store's
     ``[G | S]`` rows, read a layer at a time)."""
-    def block(x, start, stop):
+    def block(x, start, stop, dtype=torch.float64):
         part = x[:, start:stop]
-        if isinstance(part, torch.Tensor):
-            return part.to(device=device, dtype=torch.float64)
-        return torch.from_numpy(np.array(part, dtype=np.float64)).to(device)
+        if not isinstance(part, torch.Tensor):
+            part = torch.from_numpy(np.array(part))
+        return part.to(device=device, dtype=dtype if part.dtype != torch.float64 else part.dtype)
     if sampled is None:
         sampled, shift = train, sampled_offset
     else:
@@ -87,8 +90,8 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
     if out is None:
         out = torch.zeros(train.shape[0], t.shape[0], dtype=torch.float64)
     for b in blocks:
-        s_l = torch.cat([block(sampled, shift + j * k + b.start, shift + j * k + b.stop)
-                         for j in range(chunks)])                              # [C n, k_l]
+        s_l = torch.cat([block(sampled, shift + j * k + b.start, shift + j * k + b.stop,
+                               torch.float32) for j in range(chunks)])        # [C n, k_l]
         if not bool((s_l != 0).any()):
             continue
         solver = FisherSolve(s_l, c, n=n_fisher)
