@@ -30,14 +30,14 @@ from ..settings import FeatureSettings, feature_settings
 from .gradients import describe_paths, gradient_paths, without_modules
 from .gradients.dense import dense_tap
 from .gradients.factored import FactoredMatrices, factored_tap
-from .gradients.hook_pass import hooked_pass
+from .gradients.hook_pass import hooked_pass, hooked_passes
 from .gradients.hooks import LayerTap, position_chunks
 from .gradients.vmap import vmap_features
 from .gradients.writer import FeatureWriter
 from .model import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
 from .spec import FeatureSpec
 from .tasks import Task, get_task
-from .tasks.likelihood import LogLikelihoodTask, SampledLogLikelihoodTask
+from .tasks.likelihood import LogLikelihoodTask, SampledLogLikelihoodTask, drawing
 
 logger = logging.getLogger("trak_fast")
 #: Path summaries already logged (once per process and model, not once per checkpoint).
@@ -282,12 +282,58 @@ class FisherFeaturizer:
 
     def compute(self, batch: Batch, size: int, *, where: str = "batch",
                 out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``([G | S] [B, (1 + C) k], ones [B] or None)`` for one batch checked by the loop."""
-        g = self.loglik.compute(batch, size, where=where, out_to_loss=False)[0]
-        s = self.sampled.compute(self.sampling.keyed(batch), size, out_to_loss=False,
-                                 where=f"{where} (labels drawn from the model)")[0]
+        """``([G | S] [B, (1 + C) k], ones [B] or None)`` for one batch checked by the loop:
+        ``G`` and ``S`` from one forward pass and two backward passes when every parameter
+        takes the hooks, else from two featurizer passes."""
         q = torch.ones(size, dtype=torch.float32) if out_to_loss else None
-        return torch.cat([g, s], dim=1), q
+        both = None
+        if self.loglik.plan.hooked and not self.loglik.plan.vmapped and \
+                not self.sampled.plan.vmapped:
+            both = self._one_forward(batch, size, where)
+        if both is None:
+            g = self.loglik.compute(batch, size, where=where, out_to_loss=False)[0]
+            s = self.sampled.compute(self.sampling.keyed(batch), size, out_to_loss=False,
+                                     where=f"{where} (labels drawn from the model)")[0]
+            both = torch.cat([g, s], dim=1)
+        return both, q
+
+    def _one_forward(self, batch: Batch, size: int, where: str) -> Optional[torch.Tensor]:
+        """``[G | S]`` from one tapped forward pass; ``None`` when a tracked module did not see
+        the batch (the two-pass route then moves it to vmap, as a featurizer does)."""
+        g_rows, s_rows = self.loglik, self.sampled
+        phi_g = torch.zeros(size, g_rows.num_features, dtype=g_rows.dtype, device=g_rows.device)
+        phi_s = torch.zeros(size * self.chunks, s_rows.num_features, dtype=s_rows.dtype,
+                            device=s_rows.device)
+        taps = [g_rows._taps(phi_g, size), s_rows._taps(phi_s, size)]
+        route = [0]          # which featurizer's callbacks the current backward pass feeds
+        merged = [tap._replace(on_grad=lambda state, grad, i=i: taps[route[0]][i].on_grad(state, grad))
+                  for i, tap in enumerate(taps[0])]          # the same P: one on_input for both
+        keys = self.sampling.keyed(batch)[1]
+        device_batch = to_device(batch, g_rows.device)
+        draw = drawing(keys.to(g_rows.device))
+        outputs = [lambda run: self.task.log_likelihoods(run, device_batch),
+                   lambda run: self.task.log_likelihoods(run, device_batch, draw=draw)]
+        with eval_mode(g_rows.model):
+            try:
+                skipped = hooked_passes(merged, outputs, g_rows.run, size, g_rows.device,
+                                        lambda i: route.__setitem__(0, i))
+            except BaseException as exc:
+                g_rows.writer.discard()
+                s_rows.writer.discard()
+                if isinstance(exc, (ValueError, TypeError)):
+                    raise type(exc)(f"{where}: {exc}") from exc
+                if isinstance(exc, RuntimeError):
+                    raise RuntimeError(f"{where}: the model or task failed on this batch "
+                                       f"(shapes {_shapes(batch)}): {exc}") from exc
+                raise
+        if skipped:
+            g_rows.writer.discard()
+            s_rows.writer.discard()
+            return None
+        g_rows.writer.flush(phi_g)
+        s_rows.writer.flush(phi_s)
+        g_rows._log_paths()
+        return torch.cat([phi_g, phi_s.reshape(size, -1)], dim=1)
 
 
 def fisher_chunks_of(task: Task, spec: Optional[FeatureSpec] = None) -> int:
