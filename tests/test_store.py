@@ -393,7 +393,7 @@ def test_temp_files_of_dead_processes_are_removed_on_open(setup, tmp_path, monke
     # An exception (or Ctrl-C) inside score removes its own temporary file.
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("trak_fast.pipeline.trak.add_checkpoint_scores", fail)
+    monkeypatch.setattr("trak_fast.pipeline.store_scores.add_checkpoint_scores", fail)
     with pytest.raises(KeyboardInterrupt):
         trak.score("val")
     monkeypatch.undo()

@@ -43,21 +43,18 @@ import numpy as np
 import torch
 
 from ..features.featurizer import Featurizer, FisherFeaturizer, fisher_chunks_of
-from ..features.layout import FeatureBlock
 from ..features.loop import featurize_with
 from ..features.model import Batch, Device, compute_device, grad_param_names
 from ..features.spec import FeatureSpec
 from ..features.tasks import Task, get_task
-from ..scoring.kernel import (Kernel, check_kernel, compute_kernels, kernel_blocks, kernel_matrix,
-                              kernel_row_weights)
-from ..scoring.fisher import fisher_scores
-from ..scoring.scores import add_checkpoint_scores, finish_ensemble
+from ..scoring.kernel import compute_kernels, kernel_blocks, kernel_row_weights
 from ..scoring.top_k import TopK, top_k
 from ..settings import (CURVATURES, ESTIMATOR_FIELDS, FeatureSettings, ScoreSettings, check_choice,
                         feature_settings, score_settings)
 from . import checks, distributed
 from .fingerprint import Ledger, check_rows, checkpoint_fingerprint
 from .store import check_name, open_store, save_array_atomic, store_settings, temp_path
+from .store_scores import score_columns
 from .train_rows import check_same_train_examples, write_train_features
 
 logger = logging.getLogger("trak_fast")
@@ -257,33 +254,6 @@ class TRAK:
                 if distributed.is_main():
                     self.store.save_kernels(model_id, key, kernels)
 
-    def _kernels(self, model_id: int, scoring: ScoreSettings) -> List[Any]:
-        """``[(block, Kernel)]`` saved by ``finalize``, or computed from the stored features
-        (one pass) when that (kernel, kernel_weights) pair was not finalized.
-        ``ensemble="trak"`` recomputes a dual kernel in the primal form."""
-        primal = scoring.ensemble == "trak"
-        features, out_to_loss = self.store.read_train_arrays(model_id)
-        weights = kernel_row_weights(scoring.kernel_weights, out_to_loss)
-        stored = self.store.stored_kernels(model_id, f"{scoring.kernel}/{scoring.kernel_weights}")
-        if stored is None:
-            logger.info("model_id %d: computing kernel=%r, kernel_weights=%r from the stored "
-                        "features (finalize(kernel=..., kernel_weights=...) would save it)",
-                        model_id, scoring.kernel, scoring.kernel_weights)
-            return compute_kernels(features, kernel_blocks(self.layout, self.num_features,
-                                                           scoring.kernel),
-                                   form="primal" if primal else "auto", device=self.device,
-                                   where=f"model_id {model_id}", weights=weights)
-        out = []
-        for b, load in stored:
-            block = FeatureBlock(b["layer"], b["start"], b["stop"], b["layer"])
-            if primal and b["form"] != "primal":
-                matrix = kernel_matrix(features[:, b["start"]:b["stop"]], device=self.device)
-                k = Kernel(matrix, "primal", self.train_size)
-            else:
-                k = Kernel(torch.from_numpy(load()), b["form"], self.train_size, weights)
-            out.append((block, check_kernel(k, f"model_id {model_id}")))
-        return out
-
     # ---- targets and scores -----------------------------------------------------------------
 
     def featurize_targets(self, name: str, checkpoint: Mapping[str, torch.Tensor],
@@ -421,38 +391,9 @@ class TRAK:
         return scoring
 
     def _score_columns(self, path: Any, name: str, ids: Sequence[int], scoring: ScoreSettings) -> None:
-        """Writes this rank's target columns (all of them in one process) of the scores file."""
-        out = np.lib.format.open_memmap(path, mode="r+")
-        n, t = out.shape
-        c0, c1 = distributed.share(t)
-        if c0 == c1:
-            return
-        if self.curvature == "fisher":
-            total = torch.zeros(n, c1 - c0, dtype=torch.float64)
-            blocks = kernel_blocks(self.layout, self.num_features, scoring.kernel)
-            for model_id in ids:
-                rows = self.store.read_train_arrays(model_id)[0]          # [n, 2k]: [G | S]
-                targets = np.load(self.store.targets_path(name, model_id))[c0:c1]
-                fisher_scores(rows, None, targets, blocks, scoring.lambda_reg,
-                              device=self.device, out=total, sampled_offset=self.num_features,
-                              chunks=self.store.settings.get("fisher_chunks", 1))
-            out[:, c0:c1] = (total / len(ids)).numpy()
-            out.flush()
-            return
-        part = out if (c0, c1) == (0, t) else np.zeros((n, c1 - c0), dtype=np.float32)
-        q_sum = torch.zeros(n, dtype=torch.float64)
-        for model_id in ids:
-            features, out_to_loss = self.store.read_train_arrays(model_id)
-            targets = torch.from_numpy(np.load(self.store.targets_path(name, model_id))[c0:c1])
-            add_checkpoint_scores(features, targets, self._kernels(model_id, scoring), scoring,
-                                  out=part, proj_dim=self.proj_dim,
-                                  num_grad_params=self.num_grad_params, device=self.device,
-                                  progress=self.progress and distributed.is_main())
-            q_sum += torch.from_numpy(np.asarray(out_to_loss, dtype=np.float64))
-        finish_ensemble(part, q_sum, len(ids))
-        if part is not out:
-            out[:, c0:c1] = part
-        out.flush()
+        score_columns(self.store, path, name, ids, scoring, layout=self.layout,
+                      proj_dim=self.proj_dim, num_grad_params=self.num_grad_params,
+                      device=self.device, progress=self.progress and distributed.is_main())
 
     def load_scores(self, name: str) -> np.ndarray:
         """The saved scores of experiment ``name`` (read-only memmap ``[n, t]``)."""
