@@ -159,9 +159,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-entries", type=int, default=2**33, help="skip shapes with n k above this")
     p.add_argument("--gemm-all", action="store_true", help="the GEMM baseline at every shape, not only the headline")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="instead of the grid's")
+    p.add_argument("--ns", type=int, nargs="+", default=None)
+    p.add_argument("--ks", type=int, nargs="+", default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results", "kernel_choice.json"))
     args = p.parse_args(argv)
-    args.batches, args.ns, args.ks = BATCHES, NS, KS
+    given = (args.batches, args.ns, args.ks)
+    args.batches, args.ns, args.ks = (g or d for g, d in zip(given, (BATCHES, NS, KS)))
     if args.quick:
         args.batches, args.ns, args.ks = (1, 8, 64), (2**16, 2**20), (256, 1024)
     report = run(args)

@@ -124,6 +124,15 @@ def run(mode, store, out, rank=0, world=1):
     np.save(os.path.join(out, f"raw_scores_{rank}.npy"), np.array(raw.score("val")))
     tau = attribute(model, checkpoints, train, targets, proj_dim=PROJ_DIM, progress=False)
     np.save(os.path.join(out, f"attribute_{rank}.npy"), tau.numpy())
+    # The Fisher: [G | S] rows in the store, and attribute()'s in-memory form.
+    fisher = TRAK(f"{store}_fisher", model, train_size=N_TRAIN, proj_dim=PROJ_DIM,
+                  curvature="fisher", progress=False)
+    fisher.featurize(checkpoints[1], train, model_id=0)
+    fisher.featurize_targets("val", checkpoints[1], targets, model_id=0)
+    np.save(os.path.join(out, f"fisher_scores_{rank}.npy"), np.array(fisher.score("val")))
+    tau = attribute(model, checkpoints, train, targets, proj_dim=PROJ_DIM, curvature="fisher",
+                    progress=False)
+    np.save(os.path.join(out, f"fisher_attribute_{rank}.npy"), tau.numpy())
 
 
 if __name__ == "__main__":

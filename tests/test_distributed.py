@@ -137,6 +137,19 @@ def test_two_ranks_dual_kernel_equals_single_process(reference, two_ranks):
         np.testing.assert_allclose(got, scores, rtol=1e-6, atol=1e-6 * np.abs(scores).max())
 
 
+def test_two_ranks_fisher_rows_bitwise_and_scores_equal_single_process(reference, two_ranks):
+    ref, got = _features(reference / "store_fisher"), _features(two_ranks / "store_fisher")
+    assert got[0].shape[1] == 2 * distributed_worker.PROJ_DIM and got[3].all()     # [G | S]
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+    for name in ("fisher_scores", "fisher_attribute"):
+        want = np.load(reference / f"{name}_0.npy")
+        assert np.abs(want).max() > 0
+        for rank in (0, 1):
+            np.testing.assert_allclose(np.load(two_ranks / f"{name}_{rank}.npy"), want,
+                                       rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
 def test_two_ranks_attribute_equals_single_process(reference, two_ranks):
     tau = np.load(reference / "attribute_0.npy")
     assert np.abs(tau).max() > 0

@@ -163,8 +163,8 @@ def test_instruction_set_variants_give_the_same_bits(kernel, tmp_path, disable):
 
 
 def test_default_rule_is_a_function_of_the_batch_size(kernel):
-    """B <= 64 takes the register kernel, larger batches the tiles (docs/matrix.md, the CPU kernels)."""
-    for batch, expected in ((64, "registers"), (65, "tiles")):
+    """B <= 256 takes the register kernel, larger batches the tiles (docs/matrix.md, the CPU kernels)."""
+    for batch, expected in ((256, "registers"), (257, "tiles")):
         g = torch.randn(batch, 700)
         kernel("auto")
         chosen = project(g, 260)

@@ -18,7 +18,7 @@ from .errors import CLIError
 
 BUILD_EXAMPLE = """\
 example:
-  python -m trak_fast build runs/store --model my_model/ --data train.jsonl --proj-dim 2048
+  python -m trak_fast build runs/store --model my_model/ --data train.jsonl
   (my_model/ holds save_pretrained's model and tokenizer; train.jsonl has a 'text' column,
    or 'prompt' and 'completion': then only the completion's tokens are attributed)
 
