@@ -285,6 +285,11 @@ def method_table(args) -> Dict[str, tuple]:
             seed=ck.model_id, progress=False).double(), None),
             "trak_fast.attribute(task='language_modeling') with nothing else: factored 32x32 "
             "features, per-layer Fisher of sampled labels, lambda = 0.05 x mean eigenvalue"),
+        **{f"trak_fast defaults, normalize={how}": (lambda ck, how=how: (trak_fast.attribute(
+            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+            seed=ck.model_id, normalize=how, progress=False).double(), None),
+            f"the defaults with ScoreSettings(normalize={how!r}): unit-norm train rows, targets or both")
+           for how in ("train", "targets", "both")},
         "trak_fast defaults (dense k=2048)": (lambda ck: L.trak_scores(ck, "dense"),
             "trak_fast 0.1's defaults (before the Fisher): dense k=2048, kernel Phi^T diag(Q) Phi, lambda=3 tr/n"),
         "trak_fast projection=factored": (lambda ck: L.trak_scores(ck, "factored"),

@@ -146,3 +146,29 @@ def test_trak_store_curvature_follows_the_task_and_can_be_chosen(tmp_path):
     assert TRAK(tmp_path / "c", model, train_size=4, progress=False).curvature == "kernel"
     with pytest.raises(ValueError, match="curvature must be one of"):
         TRAK(tmp_path / "d", model, curvature="hessian", **lm)
+
+
+def test_normalize_divides_each_score_by_the_norms_of_its_rows(problem, tmp_path):
+    model, ckpts, train, targets = problem
+    kw = dict(proj_dim=32, progress=False)
+    plain = attribute(model, ckpts[:1], train, targets, **kw).double()
+    phi = trak_fast.featurize(model, ckpts[0], train, **kw).phi.double()
+    t = trak_fast.target_features(model, ckpts[0], targets, **kw).double()
+    rows, cols = phi.norm(dim=1)[:, None], t.norm(dim=1)[None, :]
+    for how, expected in (("train", plain / rows), ("targets", plain / cols),
+                          ("both", plain / rows / cols)):
+        got = attribute(model, ckpts[:1], train, targets, normalize=how, **kw).double()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7 * expected.abs().max().item())
+    # The Fisher: the store gives attribute()'s normalized scores.
+    fisher = dict(kw, curvature="fisher", normalize="both")
+    want = attribute(model, ckpts[:1], train, targets, **fisher)
+    store = TRAK(tmp_path, model, train_size=sum(len(b[1]) for b in train), proj_dim=32,
+                 curvature="fisher", progress=False)
+    store.featurize(ckpts[0], train, model_id=0)
+    store.featurize_targets("t", ckpts[0], targets, model_id=0)
+    got = torch.from_numpy(np.array(store.score("t", normalize="both")))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert not torch.allclose(want, attribute(model, ckpts[:1], train, targets, proj_dim=32,
+                                              curvature="fisher", progress=False))
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        ScoreSettings(normalize="cosine")

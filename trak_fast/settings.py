@@ -30,6 +30,7 @@ KERNELS = ("full", "per_layer")
 KERNEL_WEIGHTS = ("none", "out_to_loss", "fisher")
 ENSEMBLES = ("mean", "trak")
 CURVATURES = ("kernel", "fisher")
+NORMALIZE = ("none", "train", "targets", "both")
 
 #: Bytes one group of per-example gradients (``B x p_group`` elements) may take.
 DEFAULT_GRAD_MEMORY = 1 << 30
@@ -156,14 +157,21 @@ class ScoreSettings:
     #: ``"kernel"`` (TRAK's ``Phi^T W Phi`` of the train features) or ``"fisher"`` (the true
     #: Fisher from labels sampled from the model, per block of ``kernel``, train rows the
     #: log-likelihood gradients; ``lambda_reg`` relative to each block's mean eigenvalue,
-    #: default ``DEFAULT_FISHER_DAMPING``; see :mod:`trak_fast.scoring.fisher`). In-memory
-    #: :func:`~trak_fast.attribute` only, for now.
+    #: default ``DEFAULT_FISHER_DAMPING``; see :mod:`trak_fast.scoring.fisher`). Stores keep
+    #: the rows of the one they were created with (``TRAK(curvature=...)``).
     curvature: str = "kernel"
+    #: Unit normalization, per checkpoint: ``"train"`` divides score ``(i, j)`` by the norm of
+    #: train row ``i`` in the scoring space (``phi_i``; ``G_i`` for the Fisher), ``"targets"`` by
+    #: that of target ``j``'s feature, ``"both"`` by both (cosine-like, as TrackStar and
+    #: retrieval-style uses prefer), ``"none"`` (default) by neither. See
+    #: :func:`trak_fast.scoring.scores.normalize_scores`.
+    normalize: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("ensemble", self.ensemble, ENSEMBLES)
         check_choice("kernel", self.kernel, KERNELS)
         check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("normalize", self.normalize, NORMALIZE)
         relative = self.ensemble == "mean" if self.relative_lambda is None else self.relative_lambda
         if not isinstance(relative, (bool, np.bool_)):
             raise ValueError(f"relative_lambda must be True, False or None, got {relative!r}")

@@ -122,6 +122,9 @@ _SCORE_FLAGS = {
                       help="TRAK's kernel, or the per-layer Fisher of labels sampled from the "
                       "model; build chooses what the store holds [fisher, unless --kernel or "
                       "--kernel-weights is given]"),
+    "normalize": dict(choices=["none", "train", "targets", "both"],
+                      help="divide each score by the norm of its train row, target feature or "
+                      "both (cosine-like) [none]"),
 }
 assert set(_FEATURE_FLAGS) == set(FEATURE_FIELDS) and set(_SCORE_FLAGS) == set(SCORE_FIELDS)
 

@@ -178,6 +178,6 @@ def _fisher_attribute(model, checkpoints, train, targets, task: Task, features: 
         k = t.shape[1]
         blocks = kernel_blocks(featurizer.layout, k, scoring.kernel)
         fisher_scores(gs[:, :k], gs[:, k:], t, blocks, scoring.lambda_reg, device=device,
-                      out=total, chunks=rows.chunks)
+                      out=total, chunks=rows.chunks, normalize=scoring.normalize)
     dtype = torch.float64 if featurizer.dtype == torch.float64 else torch.float32
     return (total / len(checkpoints)).to(dtype)

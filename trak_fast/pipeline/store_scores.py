@@ -73,7 +73,8 @@ def score_columns(store: Store, path: Any, name: str, ids: Sequence[int], scorin
             rows = store.read_train_arrays(model_id)[0]          # [n, (1 + C) k]: [G | S_1 .. S_C]
             targets = np.load(store.targets_path(name, model_id))[c0:c1]
             fisher_scores(rows, None, targets, blocks, scoring.lambda_reg, device=device,
-                          out=total, sampled_offset=k, chunks=store.settings.get("fisher_chunks", 1))
+                          out=total, sampled_offset=k, chunks=store.settings.get("fisher_chunks", 1),
+                          normalize=scoring.normalize)
         out[:, c0:c1] = (total / len(ids)).numpy()
         out.flush()
         return

@@ -69,13 +69,14 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
                   blocks: Sequence[FeatureBlock], c: float,
                   device: Optional[Union[str, torch.device]] = None,
                   out: Optional[torch.Tensor] = None, sampled_offset: int = 0,
-                  chunks: int = 1) -> torch.Tensor:
+                  chunks: int = 1, normalize: str = "none") -> torch.Tensor:
     """``out += sum_l G_l (F_l + lambda_l I)^-1 T_l^T`` (see the module docstring); ``out``
     ``[n, t]`` float64 (created when ``None``). A layer whose sampled gradients are all zero
     (its parameters do not affect the output) contributes nothing. ``sampled [n, C k]``:
     ``C = chunks`` rows of the Fisher per example side by side (``F_l`` from all ``C n`` of
     them, divided by ``n``); ``None``: they are ``train[:, sampled_offset:]`` (a store's
-    ``[G | S]`` rows, read a layer at a time)."""
+    ``[G | S]`` rows, read a layer at a time). ``normalize`` as in
+    :func:`trak_fast.scoring.scores.normalize_scores` (norms of ``G``'s and ``T``'s ``k`` columns)."""
     def block(x, start, stop, dtype=torch.float64):
         part = x[:, start:stop]
         if not isinstance(part, torch.Tensor):
@@ -89,6 +90,7 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
     n_fisher, k = sampled.shape[0], t.shape[1]      # examples the Fisher comes from
     if out is None:
         out = torch.zeros(train.shape[0], t.shape[0], dtype=torch.float64)
+    total, out = out, (out if normalize == "none" else torch.zeros_like(out))
     for b in blocks:
         s_l = torch.cat([block(sampled, shift + j * k + b.start, shift + j * k + b.stop,
                                torch.float32) for j in range(chunks)])        # [C n, k_l]
@@ -97,4 +99,7 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
         solver = FisherSolve(s_l, c, n=n_fisher)
         w = solver.solve(block(t, b.start, b.stop).T)                          # [k_l, t]
         out += (block(train, b.start, b.stop) @ w).cpu()
-    return out
+    if out is not total:
+        from .scores import normalize_scores
+        total += normalize_scores(out, normalize, train, t, columns=slice(0, k))
+    return total

@@ -182,15 +182,53 @@ def finish_ensemble(score_sum: Union[torch.Tensor, np.ndarray], out_to_loss_sum:
             score_sum[start:stop] *= factor.to(score_sum.dtype)
 
 
+def row_norms(x: ArrayLike, columns: Optional[slice] = None,
+              block_rows: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
+    """``||x_i||`` of every row (of ``x[:, columns]``), float64, read ``block_rows`` at a time
+    (``x`` may be a memmap)."""
+    columns = columns or slice(None)
+    parts = []
+    for start in range(0, x.shape[0], block_rows):
+        block = x[start:start + block_rows, columns]
+        block = block if isinstance(block, torch.Tensor) else \
+            torch.from_numpy(np.array(block, dtype=np.float64))       # a copy of a memmap block
+        parts.append(block.double().norm(dim=1).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def normalize_scores(scores: torch.Tensor, how: str, train: ArrayLike, targets: ArrayLike,
+                     columns: Optional[slice] = None) -> torch.Tensor:
+    """``scores [n, t]`` divided in place by ``||train_i||`` (``how`` in ``"train"``,
+    ``"both"``) and ``||targets_j||`` (``"targets"``, ``"both"``), norms over ``columns`` of
+    the rows; a zero norm leaves its row or column at zero."""
+    if how in ("train", "both"):
+        norms = row_norms(train, columns)
+        scores /= torch.where(norms > 0, norms, 1.0).to(scores.dtype)[:, None]
+    if how in ("targets", "both"):
+        norms = row_norms(targets, columns)
+        scores /= torch.where(norms > 0, norms, 1.0).to(scores.dtype)[None, :]
+    return scores
+
+
 def add_checkpoint_scores(phi: ArrayLike, targets: torch.Tensor, kernels, scoring: ScoreSettings, *,
                           out: Union[torch.Tensor, np.ndarray], proj_dim: Optional[int],
                           num_grad_params: int, device=None, progress: bool = False) -> None:
     """``out += S_m``: one checkpoint's scores, the step :func:`~trak_fast.attribute` and
     :meth:`~trak_fast.TRAK.score` share. ``kernels`` as from
     :func:`~trak_fast.scoring.kernel.compute_kernels`; ``proj_dim`` and ``num_grad_params`` give
-    trak's feature scale for ``ensemble="trak"`` (see the module docstring)."""
+    trak's feature scale for ``ensemble="trak"`` (see the module docstring); ``S_m``
+    normalized by :func:`normalize_scores` as ``scoring.normalize`` says."""
     trak = scoring.ensemble == "trak"
+    part = out
+    if scoring.normalize != "none":
+        part = torch.zeros(tuple(out.shape), dtype=torch.float64)
     block_scores(phi, targets, kernels, lambda_reg=scoring.lambda_reg,
                  relative_lambda=scoring.relative_lambda,
                  feature_scale=trak_feature_scale(proj_dim, num_grad_params) if trak else 1.0,
-                 normalize_inverse=trak, out=out, device=device, progress=progress)
+                 normalize_inverse=trak, out=part, device=device, progress=progress)
+    if part is not out:
+        normalize_scores(part, scoring.normalize, phi, targets)
+        if isinstance(out, torch.Tensor):
+            out += part.to(out.dtype)
+        else:
+            out += part.numpy().astype(out.dtype)
