@@ -121,7 +121,7 @@ def test_a_task_fills_only_what_the_caller_leaves_unset():
     # Language modeling: factored 32 x 32 and the per-layer Fisher.
     f, s = split_options({}, task=lm)
     assert (f.projection, f.factored_dims) == ("factored", (32, 32))
-    assert (s.curvature, s.kernel, s.lambda_reg) == ("fisher", "per_layer", 0.05)
+    assert (s.curvature, s.kernel, s.lambda_reg) == ("fisher", "per_layer", 0.01)
     # A projection keyword chooses the projection; the Fisher stays, over all columns of a
     # dense projection (one block), per layer otherwise.
     f, s = split_options({"proj_dim": 512}, task=lm)

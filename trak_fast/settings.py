@@ -45,9 +45,10 @@ DEFAULT_LAMBDA_REL = 3.0
 DEFAULT_KERNEL_WEIGHTS = "out_to_loss"
 #: ``curvature="fisher"``'s damping, relative to each layer's mean nonzero Fisher eigenvalue:
 #: on the language-model LDS benchmark (``benchmarks/bench_lm_lds.py --library``) with the
-#: default factored 32 x 32 features, 0.01 / 0.03 / 0.05 / 0.1 / 1 gave 0.139 / - / 0.147 /
-#: 0.147 / 0.135 on the small model and 0.086 / 0.084 / 0.084 / 0.080 / 0.065 on the medium one.
-DEFAULT_FISHER_DAMPING = 0.05
+#: language-modeling defaults (factored 32 x 32, 4 Fisher rows per sequence), c = 0.01 / 0.05 /
+#: 0.1 gave 0.157 / 0.155 / 0.153 (small model), 0.081 / 0.079 / 0.076 (medium) and 0.146 /
+#: 0.145 / 0.147 (completions); c = 1 was well below (0.134 small, one row per sequence).
+DEFAULT_FISHER_DAMPING = 0.01
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
