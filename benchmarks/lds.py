@@ -646,7 +646,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.kernel_weights is None:
-        from trak_fast.scoring.kernel import DEFAULT_KERNEL_WEIGHTS
+        from trak_fast.settings import DEFAULT_KERNEL_WEIGHTS
         args.kernel_weights = DEFAULT_KERNEL_WEIGHTS
     if args.quick:
         args.m, args.models, args.dims, args.lambdas, args.sweep_models = 20, [1, 5], [512], [0.1, 1.0], [5]
