@@ -19,8 +19,9 @@ never computed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -218,14 +219,8 @@ class Featurizer:
         """``(phi [B, k], Q [B] or None)`` for one batch already checked by the loop
         (:func:`trak_fast.features.loop.batches`), with errors that name the batch."""
         batch = to_device(batch, self.device)
-        with eval_mode(self.model):
-            try:
-                phi, q = self.features_and_out_to_loss(batch, size)
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"{where}: {exc}") from exc
-            except RuntimeError as exc:
-                raise RuntimeError(f"{where}: the model or task failed on this batch "
-                                   f"(shapes {_shapes(batch)}): {exc}") from exc
+        with eval_mode(self.model), naming_the_batch(where, batch):
+            phi, q = self.features_and_out_to_loss(batch, size)
         if q.shape != (size,):
             raise ValueError(f"{where}: task.out_to_loss must return shape [{size}], got "
                              f"{tuple(q.shape)}")
@@ -238,6 +233,19 @@ class Featurizer:
         if size == 0:
             raise ValueError(f"{where} is empty (batch size 0)")
         return self.compute(batch, size, where=where, out_to_loss=out_to_loss)
+
+
+@contextlib.contextmanager
+def naming_the_batch(where: str, batch: Batch) -> Iterator[None]:
+    """Re-raises a ValueError or TypeError with ``where`` in front, and a RuntimeError (the
+    model or the task failing) with ``where`` and the batch's shapes."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+    except RuntimeError as exc:
+        raise RuntimeError(f"{where}: the model or task failed on this batch "
+                           f"(shapes {_shapes(batch)}): {exc}") from exc
 
 
 def _shapes(batch: Batch) -> List[Tuple[int, ...]]:
@@ -266,15 +274,14 @@ class FisherFeaturizer:
             spec = FeatureSpec(model, LogLikelihoodTask(self.task), settings)
         self.spec = spec
 
-        def make(task_: Task) -> Featurizer:
+        def make(task_: Task, chunks: int = 1) -> Featurizer:
             return Featurizer(model, checkpoint, task=task_, settings=settings,
-                              model_id=model_id, device=device, spec=spec)
+                              model_id=model_id, device=device, spec=spec,
+                              position_chunks=chunks)
         self.loglik = make(LogLikelihoodTask(self.task))
         self.sampling = SampledLogLikelihoodTask(self.task, self.loglik.seed)
         self.chunks = fisher_chunks_of(self.task, spec)
-        self.sampled = Featurizer(model, checkpoint, task=self.sampling, settings=settings,
-                                  model_id=model_id, device=device, spec=spec,
-                                  position_chunks=self.chunks)
+        self.sampled = make(self.sampling, self.chunks)
 
     num_features = property(lambda self: (1 + self.chunks) * self.spec.num_features)
     layout = property(lambda self: self.spec.layout)       # of G's (and S's) k columns
@@ -313,18 +320,13 @@ class FisherFeaturizer:
         draw = drawing(keys.to(g_rows.device))
         outputs = [lambda run: self.task.log_likelihoods(run, device_batch),
                    lambda run: self.task.log_likelihoods(run, device_batch, draw=draw)]
-        with eval_mode(g_rows.model):
+        with eval_mode(g_rows.model), naming_the_batch(where, batch):
             try:
                 skipped = hooked_passes(merged, outputs, g_rows.run, size, g_rows.device,
                                         lambda i: route.__setitem__(0, i))
-            except BaseException as exc:
+            except BaseException:
                 g_rows.writer.discard()
                 s_rows.writer.discard()
-                if isinstance(exc, (ValueError, TypeError)):
-                    raise type(exc)(f"{where}: {exc}") from exc
-                if isinstance(exc, RuntimeError):
-                    raise RuntimeError(f"{where}: the model or task failed on this batch "
-                                       f"(shapes {_shapes(batch)}): {exc}") from exc
                 raise
         if skipped:
             g_rows.writer.discard()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..features.layout import FeatureBlock
+from .scores import normalize_scores
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -100,6 +101,5 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
         w = solver.solve(block(t, b.start, b.stop).T)                          # [k_l, t]
         out += (block(train, b.start, b.stop) @ w).cpu()
     if out is not total:
-        from .scores import normalize_scores
         total += normalize_scores(out, normalize, train, t, columns=slice(0, k))
     return total
