@@ -115,6 +115,8 @@ SPACES = {
     "per_layer": dict(proj_dim=DENSE_K, projection="per_layer"),
     "raw": dict(proj_dim=None),
     "factored32": dict(projection="factored", factored_dims=(32, 32)),
+    "factored48": dict(projection="factored", factored_dims=(48, 48)),
+    "factored64": dict(projection="factored", factored_dims=(64, 64)),
     "per_layer4096": dict(proj_dim=2 * DENSE_K, projection="per_layer"),
 }
 

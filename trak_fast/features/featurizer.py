@@ -33,6 +33,7 @@ from .gradients.dense import dense_tap
 from .gradients.factored import FactoredMatrices, factored_tap
 from .gradients.hook_pass import hooked_pass, hooked_passes
 from .gradients.hooks import LayerTap, position_chunks
+from .gradients.second_moment import SecondMoments
 from .gradients.vmap import vmap_features
 from .gradients.writer import FeatureWriter
 from .model import Batch, Device, checkpoint_tensors, eval_mode, model_device, to_device
@@ -62,6 +63,10 @@ class Featurizer:
             its positions, laid side by side (``phi [B, C k]``; see
             :func:`~trak_fast.features.gradients.hooks.position_chunks`): the Fisher rows of
             :class:`FisherFeaturizer`. Hook path only.
+        optimizer_state: this checkpoint's Adam state (``optimizer.state_dict()``, or
+            ``{name: v_hat}``): every per-example gradient is divided by ``sqrt(v_hat) + eps``
+            before it is projected (:mod:`trak_fast.features.gradients.second_moment`; exact,
+            except the rank-one form of a weight's in ``projection="factored"``).
 
     ``num_features`` is ``k``; ``layout`` lists the :class:`FeatureBlock` of each group of
     columns; ``plan`` says which parameters take hooks and which vmap.
@@ -71,7 +76,7 @@ class Featurizer:
                  task: Union[str, Task] = "classification",
                  settings: Optional[FeatureSettings] = None, model_id: int = 0,
                  device: Optional[Device] = None, spec: Optional[FeatureSpec] = None,
-                 position_chunks: int = 1, **options: Any):
+                 position_chunks: int = 1, optimizer_state: Any = None, **options: Any):
         self.task = get_task(task)
         settings = feature_settings(options, settings, where="Featurizer()", task=self.task)
         if spec is None:
@@ -91,6 +96,14 @@ class Featurizer:
         if settings.projection == "factored":
             self.matrices = FactoredMatrices(self.seed, settings.kind, settings.factored_dims,
                                              self.plan.dims, self.device, self.dtype)
+        self.moments = None
+        if optimizer_state is not None:
+            self.moments = SecondMoments.from_state(
+                optimizer_state, model, spec.grad_names, self.device, self.dtype,
+                where=f"optimizer_state of checkpoint {model_id}")
+            self.writer.moments = self.moments
+            if settings.projection == "factored":
+                self.matrices.scale_rows(self.moments, self.plan.modules)
 
     # The feature space, as the spec says.
     grad_names = property(lambda self: self.spec.grad_names)
@@ -268,7 +281,8 @@ class FisherFeaturizer:
 
     def __init__(self, model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor], *,
                  task: Union[str, Task], settings: FeatureSettings, model_id: int = 0,
-                 device: Optional[Device] = None, spec: Optional[FeatureSpec] = None):
+                 device: Optional[Device] = None, spec: Optional[FeatureSpec] = None,
+                 optimizer_state: Any = None):
         self.task = get_task(task)
         if spec is None:      # the two likelihood tasks differentiate the same way: one spec
             spec = FeatureSpec(model, LogLikelihoodTask(self.task), settings)
@@ -277,7 +291,7 @@ class FisherFeaturizer:
         def make(task_: Task, chunks: int = 1) -> Featurizer:
             return Featurizer(model, checkpoint, task=task_, settings=settings,
                               model_id=model_id, device=device, spec=spec,
-                              position_chunks=chunks)
+                              position_chunks=chunks, optimizer_state=optimizer_state)
         self.loglik = make(LogLikelihoodTask(self.task))
         self.sampling = SampledLogLikelihoodTask(self.task, self.loglik.seed)
         self.chunks = fisher_chunks_of(self.task, spec)

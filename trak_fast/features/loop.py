@@ -89,7 +89,7 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
               settings: Optional[FeatureSettings] = None, model_id: int = 0,
               device: Optional[Device] = None, progress: bool = False, out_to_loss: bool = True,
               what: str = "train", before_batch: Optional[Callable[[str, int, Batch], None]] = None,
-              **options: Any) -> Features:
+              optimizer_state: Any = None, **options: Any) -> Features:
     """Features of every example in ``loader`` under one checkpoint, in memory.
 
     Returns ``Features(phi [n, k], out_to_loss [n])`` on the CPU: ``phi`` float32 (float64 for
@@ -97,7 +97,8 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     that ``E ||phi_i||^2 = ||grad f(z_i)||^2``; raw gradients when ``proj_dim=None``.
     ``out_to_loss`` is ``None`` when not requested. A gradient dot product baseline is
     ``featurize(...).phi @ target_features(...).T``. ``settings`` / keyword ``options``
-    (``proj_dim=``, ``projection=``, ...) as in :class:`~trak_fast.Featurizer`.
+    (``proj_dim=``, ``projection=``, ...) and ``optimizer_state`` (the checkpoint's Adam state:
+    gradients divided by its ``sqrt(v_hat) + eps``) as in :class:`~trak_fast.Featurizer`.
 
     ``before_batch(where, first_row, batch)``, if given, is called before each batch is
     featurized (e.g. a :class:`trak_fast.pipeline.fingerprint.Ledger` that raises on a
@@ -107,7 +108,7 @@ def featurize(model: torch.nn.Module, checkpoint: Mapping[str, torch.Tensor],
     if isinstance(model, torch.nn.Module):
         device = compute_device(model, device)
     featurizer = Featurizer(model, checkpoint, task=task, settings=settings, model_id=model_id,
-                            device=device)
+                            device=device, optimizer_state=optimizer_state)
     return featurize_with(featurizer, loader, what=what, out_to_loss=out_to_loss,
                           before_batch=before_batch, progress=progress)
 

@@ -13,7 +13,7 @@ datasets that do not fit in memory, or runs that must survive interruption, use
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -35,6 +35,7 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
               task: Union[str, Task] = "classification",
               features: Optional[FeatureSettings] = None, scoring: Optional[ScoreSettings] = None,
               device: Optional[Device] = None, progress: bool = True,
+              optimizer_states: Optional[Sequence[Any]] = None,
               **options: Any) -> torch.Tensor:
     """TRAK scores ``[n_train, n_targets]``: how much each train example drove each target's output.
 
@@ -55,6 +56,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
             ``kernel_weights``, ...).
         device: where to compute (``None``: the model's device).
         progress: show tqdm progress bars.
+        optimizer_states: one Adam state per checkpoint (``optimizer.state_dict()`` saved with
+            it, or ``{name: v_hat}``): every gradient (train, targets, Fisher) is divided by
+            that checkpoint's ``sqrt(v_hat) + eps`` before projection, TrackStar's
+            normalization (:mod:`trak_fast.features.gradients.second_moment`).
         **options: any field of either settings class as a keyword (``proj_dim=512``,
             ``lambda_reg=1.0``); it overrides the object's field.
 
@@ -79,9 +84,10 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = distributed.local_device(compute_device(model, device), device)
     checks.check_checkpoints(model, checkpoints)
+    states = _optimizer_states(optimizer_states, len(checkpoints))
     spec = FeatureSpec(model, task, features)       # once: every checkpoint has the same
     featurizer = Featurizer(model, checkpoints[0], task=task, settings=features, device=device,
-                            spec=spec)
+                            spec=spec, optimizer_state=states[0])
     train = checks.prepare_loader(train, "train", model=model, run=featurizer.run, task=task,
                                   device=device, passes=len(checkpoints))
     targets = checks.prepare_loader(targets, "targets", model=model, run=featurizer.run,
@@ -90,13 +96,14 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
                                     **vars(scoring), "task": task.name})
     if scoring.curvature == "fisher":
         return _fisher_attribute(model, checkpoints, train, targets, task, features, scoring,
-                                 featurizer, device, progress)
+                                 featurizer, device, progress, states)
     score_sum = q_sum = None
     examples = _SameExamples()
     for model_id, checkpoint in enumerate(checkpoints):
         if model_id > 0:
             featurizer = Featurizer(model, checkpoint, task=task, settings=features,
-                                    model_id=model_id, device=device, spec=spec)
+                                    model_id=model_id, device=device, spec=spec,
+                                    optimizer_state=states[model_id])
         ledgers = examples.ledgers()
         phi, q = _features(featurizer, train, "train", ledgers["train"], progress)
         phi_targets = _features(featurizer, targets, "targets", ledgers["targets"], progress)[0]
@@ -115,6 +122,21 @@ def attribute(model: torch.nn.Module, checkpoints: Sequence[Mapping[str, torch.T
         q_sum += q.to(torch.float64)
     finish_ensemble(score_sum, q_sum, len(checkpoints))
     return score_sum
+
+
+def _optimizer_states(states: Optional[Sequence[Any]], count: int) -> List[Any]:
+    """One optimizer state (or ``None``) per checkpoint."""
+    if states is None:
+        return [None] * count
+    if isinstance(states, Mapping) or not isinstance(states, Sequence):
+        raise TypeError("optimizer_states must be a list with one optimizer state per checkpoint, "
+                        f"got {type(states).__name__}")
+    if len(states) != count:
+        raise ValueError(f"optimizer_states has {len(states)} entries for {count} checkpoints: "
+                         "give one per checkpoint")
+    if any(state is None for state in states):
+        raise ValueError("optimizer_states: every checkpoint needs its state (None found)")
+    return list(states)
 
 
 class _SameExamples:
@@ -153,8 +175,8 @@ def _features(featurizer: Featurizer, loader: Iterable[Batch], what: str, ledger
 
 
 def _fisher_attribute(model, checkpoints, train, targets, task: Task, features: FeatureSettings,
-                      scoring: ScoreSettings, featurizer: Featurizer, device, progress: bool
-                      ) -> torch.Tensor:
+                      scoring: ScoreSettings, featurizer: Featurizer, device, progress: bool,
+                      states: Sequence[Any]) -> torch.Tensor:
     """``curvature="fisher"`` (see :mod:`trak_fast.scoring.fisher`): per checkpoint, the train
     log-likelihood and sampled-label gradients ``[G | S]`` in one pass over ``train``
     (:class:`~trak_fast.features.featurizer.FisherFeaturizer`) and the targets' output
@@ -165,9 +187,11 @@ def _fisher_attribute(model, checkpoints, train, targets, task: Task, features: 
     for model_id, checkpoint in enumerate(checkpoints):
         if model_id > 0:
             featurizer = Featurizer(model, checkpoint, task=task, settings=features,
-                                    model_id=model_id, device=device, spec=featurizer.spec)
+                                    model_id=model_id, device=device, spec=featurizer.spec,
+                                    optimizer_state=states[model_id])
         rows = FisherFeaturizer(model, checkpoint, task=task, settings=features,
-                                model_id=model_id, device=device, spec=fisher_spec)
+                                model_id=model_id, device=device, spec=fisher_spec,
+                                optimizer_state=states[model_id])
         fisher_spec = rows.spec
         ledgers = examples.ledgers()
         gs = _features(rows, train, "train", ledgers["train"], progress)[0]

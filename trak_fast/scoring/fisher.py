@@ -32,27 +32,48 @@ from .scores import normalize_scores
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
+def symmetric_gram(pieces: Sequence[torch.Tensor], blocks: int = 8) -> torch.Tensor:
+    """``S^T S`` for ``S`` the pieces ``[rows_j, k]`` stacked (never concatenated), computing
+    only the blocks on and below the diagonal (``(b + 1) / 2b`` of the full product's work for
+    ``b`` column blocks: BLAS's syrk, which torch does not expose) and mirroring them."""
+    k = pieces[0].shape[1]
+    step = max(1, -(-k // blocks))
+    lower = torch.zeros(k, k, dtype=pieces[0].dtype, device=pieces[0].device)
+    for i in range(0, k, step):
+        for s in pieces:                        # column block i, rows i and down
+            lower[i:, i:i + step].addmm_(s[:, i:].T, s[:, i:i + step])
+    lower = lower.tril()
+    return lower + lower.tril(-1).T
+
+
 class FisherSolve:
     """``(F + lambda I)^-1`` of ``F = S^T S / n``, ``lambda = c tr(F) / min(k, n_f)``, float64
     (``S [n_f, k]``; ``n`` the number of examples, ``n_f`` by default: ``n_f = C n`` rows
     when each example gives ``C`` chunk rows)."""
 
-    def __init__(self, s: torch.Tensor, c: float, n: Optional[int] = None):
+    def __init__(self, s: Union[torch.Tensor, Sequence[torch.Tensor]], c: float,
+                 n: Optional[int] = None):
         # The Gram matrix in the rows' own precision (float32 features: a float32 GEMM, half
         # the time; its rounding is far below the damping), everything after it in float64.
-        n_f, k = s.shape
+        # s may be given as pieces [rows_j, k] (the chunks' rows), stacked only if needed.
+        pieces = [s] if isinstance(s, torch.Tensor) else list(s)
+        n_f, k = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
         n = n_f if n is None else n
         self.n_f, self.k = n, k          # the Gram form below divides by n, as F does
         self.rows = n_f
-        self.trace = float(s.double().square().sum()) / n
+        gram = symmetric_gram(pieces) if k <= n_f else None
+        if gram is None:
+            s = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        squares = gram.diagonal() if gram is not None else s.double().square().sum(0)
+        self.trace = float(squares.double().sum()) / n
         self.lam = c * self.trace / min(k, n_f)
         if self.lam <= 0:
             raise ValueError("curvature='fisher' needs lambda_reg > 0 (relative to the mean "
                              "eigenvalue of each layer's Fisher)")
         self.s = None
-        if k <= n_f:
-            eye = torch.eye(k, dtype=torch.float64, device=s.device)
-            self.chol = torch.linalg.cholesky((s.T @ s).double() / n + self.lam * eye)
+        if gram is not None:
+            eye = torch.eye(k, dtype=torch.float64, device=gram.device)
+            self.chol = torch.linalg.cholesky(gram.double() / n + self.lam * eye)
         else:
             self.s = s.double()
             eye = torch.eye(n_f, dtype=torch.float64, device=s.device)
@@ -93,9 +114,9 @@ def fisher_scores(train: ArrayLike, sampled: Optional[ArrayLike], targets: Array
         out = torch.zeros(train.shape[0], t.shape[0], dtype=torch.float64)
     total, out = out, (out if normalize == "none" else torch.zeros_like(out))
     for b in blocks:
-        s_l = torch.cat([block(sampled, shift + j * k + b.start, shift + j * k + b.stop,
-                               torch.float32) for j in range(chunks)])        # [C n, k_l]
-        if not bool((s_l != 0).any()):
+        s_l = [block(sampled, shift + j * k + b.start, shift + j * k + b.stop, torch.float32)
+               for j in range(chunks)]                                      # C x [n, k_l]
+        if not any(bool((p != 0).any()) for p in s_l):
             continue
         solver = FisherSolve(s_l, c, n=n_fisher)
         w = solver.solve(block(t, b.start, b.stop).T)                          # [k_l, t]

@@ -36,6 +36,11 @@ class LayerAdapter:
         (``d_in`` ``None``: a vector weight, no ``P_in``). Uses of one tied parameter must agree."""
         return self.d_out, self.d_in
 
+    def weight_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
+        """A tensor of the weight's shape as the ``[d_out, d_in]`` matrix of the factored form
+        (Linear, Conv2d, Embedding: rows are dimension 0; Conv1D transposes)."""
+        return weight_like.reshape(weight_like.shape[0], -1)
+
     # ---- exact per-example gradients -----------------------------------------------------------
 
     def tokens(self, inputs: torch.Tensor) -> torch.Tensor:

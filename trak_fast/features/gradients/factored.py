@@ -62,6 +62,28 @@ class FactoredMatrices:
                                                 kind=kind, dtype=dtype).to(device)
             self.p_in[key] = None if d_in is None else projection_matrix(
                 d_in, self.k_in, seed=name_seed(seed, key + "/in"), kind=kind, dtype=dtype).to(device)
+        #: Unscaled ``P_out`` of the keys whose rows :meth:`scale_rows` scaled (their biases'),
+        #: and the second moments it used.
+        self.plain_out: Dict[str, torch.Tensor] = {}
+        self.moments = None
+
+    def scale_rows(self, moments, modules) -> None:
+        """``P_out <- diag(a) P_out``, ``P_in <- diag(b) P_in`` for every tracked weight, with
+        ``a b^T`` the rank-one inverse root of its second moment (:mod:`.second_moment`);
+        ``modules`` are the plan's ``TrackedModule`` entries (their adapters orient the
+        weight). Biases are divided exactly in :func:`factored_tap`, with ``plain_out``."""
+        self.moments = moments
+        for tracked in modules:
+            key = tracked.key
+            if key in self.plain_out:
+                continue
+            self.plain_out[key] = self.p_out[key]
+            if key not in moments.inverse:       # the weight is not featurized: biases only
+                continue
+            a, b = moments.factors(key, tracked.adapter.weight_matrix)
+            self.p_out[key] = self.p_out[key] * a.to(self.p_out[key].dtype)[:, None]
+            if b is not None:
+                self.p_in[key] = self.p_in[key] * b.to(self.p_in[key].dtype)[:, None]
 
 
 def factored_layout(names: Sequence[str], roles: Dict[str, str],
@@ -108,9 +130,20 @@ def factored_tap(tracked, matrices: FactoredMatrices, offsets: Dict[str, int], p
     def on_input(inputs: torch.Tensor):
         return adapter.factored_input(inputs, p_in if wants_weight else None)
 
+    moments = matrices.moments
+    exact_biases = moments is not None and "bias" in roles    # divided exactly (second_moment)
+    plain_out = matrices.plain_out.get(tracked.key, p_out)
+    factored_roles = [role for role in roles if not (exact_biases and role == "bias")]
+
     def on_grad(state, grad: torch.Tensor) -> None:
-        blocks = adapter.factored_features(state, grad, p_out, p_in, roles)
-        for (_, name), block in zip(tracked.params, blocks):
+        blocks = iter(adapter.factored_features(state, grad, p_out, p_in, factored_roles)
+                      if factored_roles else [])
+        for role, name in tracked.params:
+            if exact_biases and role == "bias":
+                g = moments.scale(adapter.bias_grad(grad), name)
+                block = g.reshape(g.shape[0], -1).to(plain_out.dtype) @ plain_out
+            else:
+                block = next(blocks)
             start = offsets[name]
             phi[:, start:start + block.shape[1]] += block.to(phi.dtype)
     return LayerTap(tracked.module, adapter, on_input, on_grad)

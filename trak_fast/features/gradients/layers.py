@@ -80,6 +80,9 @@ class Conv1DAdapter(LayerAdapter):
     def weight_grad(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return super().weight_grad(inputs, grad).transpose(1, 2)          # [B, d_in, d_out]
 
+    def weight_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
+        return weight_like.T
+
 
 class Conv2dAdapter(LayerAdapter):
     """``torch.nn.Conv2d`` (groups = 1, zero padding): patches from ``F.unfold``."""

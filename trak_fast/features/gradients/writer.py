@@ -9,6 +9,9 @@ feature space (:class:`~trak_fast.features.spec.FeatureSpec`) and writes them in
 - ``projection="per_layer"``: the same into the layer's columns, with the layer's own matrix
   (seed ``name_seed(seed_m, layer)``);
 - raw gradients (``proj_dim=None``): the gradient itself, at the parameter's columns.
+
+With :attr:`FeatureWriter.moments` set (``optimizer_state=``, :mod:`.second_moment`), every
+piece is first divided by the optimizer's ``sqrt(v_hat) + eps``, exactly.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ class FeatureWriter:
         self.sizes = dict(sizes)       # parameter name -> numel
         self._pending: List[Tuple[int, torch.Tensor]] = []     # (first row of P, values [B, n])
         self._pending_elements = 0
+        #: :class:`~.second_moment.SecondMoments` to divide each piece by, or None.
+        self.moments = None
 
     @property
     def dense(self) -> bool:
@@ -38,6 +43,8 @@ class FeatureWriter:
     def add(self, grad: torch.Tensor, name: str, phi: torch.Tensor, start: int, stop: int) -> None:
         """``phi[start:stop] += P^T grad``, ``grad [stop - start, *shape]`` of parameter ``name``."""
         spec = self.spec
+        if self.moments is not None:
+            grad = self.moments.scale(grad, name)
         if spec.proj_dim is None:
             column, width = spec.offsets[name], self.sizes[name]
             phi[start:stop, column:column + width] += grad.reshape(stop - start, width).to(phi.dtype)
@@ -59,6 +66,8 @@ class FeatureWriter:
             for name in names:
                 self.add(grads[name], name, phi, start, stop)
             return
+        if self.moments is not None:
+            grads = {n: self.moments.scale(grads[n], n) for n in names}
         for run in self._consecutive_runs(names):
             project([grads[n] for n in run], self.spec.proj_dim, seed=self.seed, kind=self.kind,
                     nnz=self.nnz, feature_offset=self.spec.offsets[run[0]], out=phi[start:stop])
@@ -67,6 +76,8 @@ class FeatureWriter:
         """``phi += P[rows]^T values`` for ``values [B, m]``: the per-example gradient of
         parameter ``name`` restricted to its flat entries ``first ... first + m - 1`` (zero
         elsewhere). Dense projection only (see :attr:`dense`)."""
+        if self.moments is not None:
+            values = self.moments.scale_flat(values, name, first)
         project([values], self.spec.proj_dim, seed=self.seed, kind=self.kind, nnz=self.nnz,
                 feature_offset=self.spec.offsets[name] + first, out=phi)
 
@@ -76,6 +87,8 @@ class FeatureWriter:
         ``project`` calls as possible: when the held pieces exceed ``budget`` elements, and at
         :meth:`flush`. Pieces at consecutive rows of P (a layer's weight and bias, consecutive
         layers) go in one call, so each call's fixed cost is paid once per run of pieces."""
+        if self.moments is not None:
+            values = self.moments.scale_flat(values, name, first)
         self._pending.append((self.spec.offsets[name] + first, values))
         self._pending_elements += values.numel()
         if self._pending_elements > budget:
