@@ -275,6 +275,13 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000):
 # ----------------------------------------------------------------------------------------------
 # Methods: name -> (function of a lm_methods.Checkpoint, description).
 # ----------------------------------------------------------------------------------------------
+def adam_v_hat(ck, args) -> Dict[str, torch.Tensor]:
+    """The bias-corrected second moments ``v / (1 - beta2^steps)`` of ``train``'s AdamW (default
+    betas), as ``optimizer_states=`` takes a ``{name: v_hat}`` mapping."""
+    steps = args.epochs * ((args.n_train + args.batch_size - 1) // args.batch_size)
+    return {name: v / (1 - 0.999 ** steps) for name, v in ck.exp_avg_sq.items()}
+
+
 def method_table(args) -> Dict[str, tuple]:
     import lm_methods as L
 
@@ -290,6 +297,16 @@ def method_table(args) -> Dict[str, tuple]:
             seed=ck.model_id, normalize=how, progress=False).double(), None),
             f"the defaults with ScoreSettings(normalize={how!r}): unit-norm train rows, targets or both")
            for how in ("train", "targets", "both")},
+        "trak_fast defaults, Adam-normalized": (lambda ck: (trak_fast.attribute(
+            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+            seed=ck.model_id, optimizer_states=[adam_v_hat(ck, args)], progress=False).double(), None),
+            "the defaults with optimizer_states=: every gradient divided by Adam's sqrt(v_hat) + 1e-8 "
+            "(factored: its rank-one form), TrackStar's normalization"),
+        "trak_fast defaults, Adam-normalized, normalize=both": (lambda ck: (trak_fast.attribute(
+            ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
+            seed=ck.model_id, optimizer_states=[adam_v_hat(ck, args)], normalize="both",
+            progress=False).double(), None),
+            "TrackStar's full recipe on top of the defaults: Adam-normalized, then unit norm both sides"),
         "trak_fast defaults (dense k=2048)": (lambda ck: L.trak_scores(ck, "dense"),
             "trak_fast 0.1's defaults (before the Fisher): dense k=2048, kernel Phi^T diag(Q) Phi, lambda=3 tr/n"),
         "trak_fast projection=factored": (lambda ck: L.trak_scores(ck, "factored"),

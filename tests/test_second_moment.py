@@ -1,5 +1,8 @@
 """optimizer_state=: per-example gradients divided by Adam's sqrt(v_hat) + eps, against float64
 references computed here from the optimizer's own state dict."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +177,27 @@ def test_uniform_second_moment_leaves_scores_unchanged(data, curvature):
     assert _rel(scaled, plain) < 1e-4
     varied = attribute(model, [sd], text, text[:1], optimizer_states=[_adam_state(model)], **kw)
     assert _rel(varied, plain) > 1e-2
+
+
+def test_store_records_the_second_moments(data, tmp_path):
+    """TRAK(...).featurize(optimizer_state=) gives attribute()'s scores; targets must come with
+    the same state, and a store refuses to mix states for one model_id."""
+    from trak_fast import TRAK
+    x, y = data
+    model = digits.make_mlp(16, seed=0)
+    sd, train, targets = model.state_dict(), digits.batches(x, y, 12), digits.batches(x[:5], y[:5], 5)
+    state = _adam_state(model)
+    other = _adam_state(copy.deepcopy(model), seed=1)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = attribute(model, [sd], train, targets, proj_dim=32, optimizer_states=[state],
+                         progress=False)
+    trak = TRAK(tmp_path, model, train_size=N, proj_dim=32, progress=False)
+    trak.featurize(sd, train, model_id=0, optimizer_state=state)
+    trak.finalize()
+    with pytest.raises(ValueError, match="without an optimizer_state|with another optimizer_state"):
+        trak.featurize_targets("t", sd, targets, model_id=0)
+    with pytest.raises(ValueError, match="different checkpoint or optimizer_state"):
+        trak.featurize(sd, train, model_id=0, optimizer_state=other)
+    trak.featurize_targets("t", sd, targets, model_id=0, optimizer_state=state)
+    got = torch.from_numpy(np.array(trak.score("t")))
+    assert _rel(got, expected) < 1e-5

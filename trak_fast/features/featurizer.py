@@ -300,6 +300,7 @@ class FisherFeaturizer:
     num_features = property(lambda self: (1 + self.chunks) * self.spec.num_features)
     layout = property(lambda self: self.spec.layout)       # of G's (and S's) k columns
     gradient_paths = property(lambda self: self.loglik.gradient_paths)
+    moments = property(lambda self: self.loglik.moments)   # the second moments, or None
 
     def compute(self, batch: Batch, size: int, *, where: str = "batch",
                 out_to_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

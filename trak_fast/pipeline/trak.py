@@ -60,6 +60,12 @@ from .train_rows import check_same_train_examples, write_train_features
 logger = logging.getLogger("trak_fast")
 
 
+def _moments_fingerprint(featurizer) -> Optional[str]:
+    """A hash of the second moments a featurizer divides by (``None``: none)."""
+    moments = featurizer.moments
+    return None if moments is None else checkpoint_fingerprint(moments.inverse)
+
+
 def _check_model_id(model_id: Any) -> int:
     if isinstance(model_id, bool) or not isinstance(model_id, int) or model_id < 0:
         raise ValueError(f"model_id must be an int >= 0, got {model_id!r}")
@@ -126,29 +132,31 @@ class TRAK:
     feature_dtype = property(lambda self: self.settings.feature_dtype)
     num_grad_params = property(lambda self: self.spec.num_grad_params)
 
-    def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int) -> Featurizer:
+    def _featurizer(self, checkpoint: Mapping[str, torch.Tensor], model_id: int,
+                    optimizer_state: Any = None) -> Featurizer:
         return Featurizer(self.model, checkpoint, task=self.task, settings=self.settings,
-                          model_id=model_id, device=self.device, spec=self.spec)
+                          model_id=model_id, device=self.device, spec=self.spec,
+                          optimizer_state=optimizer_state)
 
     def _checked(self, checkpoint: Mapping[str, torch.Tensor], model_id: int, loader: Iterable[Batch],
-                 what: str, expected: Optional[int] = None):
+                 what: str, expected: Optional[int] = None, optimizer_state: Any = None):
         """``(featurizer, loader)`` after the up-front checks (:mod:`trak_fast.pipeline.checks`);
         for the train rows (``expected`` given) of a Fisher store, their featurizer."""
         checks.check_checkpoint(self.model, checkpoint, f"checkpoint {model_id}")
-        featurizer = self._featurizer(checkpoint, model_id)
+        featurizer = self._featurizer(checkpoint, model_id, optimizer_state)
         loader = checks.prepare_loader(loader, what, model=self.model, run=featurizer.run,
                                        task=self.task, device=self.device, passes=1,
                                        expected=expected)
         if expected is not None and self.curvature == "fisher":
             featurizer = FisherFeaturizer(self.model, checkpoint, task=self.task,
                                           settings=self.settings, model_id=model_id,
-                                          device=self.device)
+                                          device=self.device, optimizer_state=optimizer_state)
         return featurizer, loader
 
     # ---- train features ---------------------------------------------------------------------
 
     def featurize(self, checkpoint: Mapping[str, torch.Tensor], train: Iterable[Batch], *,
-                  model_id: int) -> None:
+                  model_id: int, optimizer_state: Any = None) -> None:
         """Writes ``Phi_m [n, k]`` and ``Q_m [n]`` for checkpoint ``model_id``, batch by batch.
 
         Resumable: batches whose rows are already finished are read from ``train`` but not
@@ -161,23 +169,30 @@ class TRAK:
         same time; a concurrent featurize of this ``model_id`` raises
         :class:`~trak_fast.StoreBusyError`. Under a process group, rank ``r`` of ``W``
         computes and writes the batches ``b`` with ``b % W == r`` (rank 0 holds the lock for
-        the job); a resume may use another world size.
+        the job); a resume may use another world size. ``optimizer_state``: the checkpoint's
+        Adam state, to divide every gradient by its ``sqrt(v_hat) + eps``
+        (:mod:`trak_fast.features.gradients.second_moment`); its targets then need the same.
         """
         with distributed.step("featurize: checking the arguments"):
             model_id = _check_model_id(model_id)
             featurizer, train = self._checked(checkpoint, model_id, train, "train",
-                                              expected=self.train_size)
+                                              expected=self.train_size,
+                                              optimizer_state=optimizer_state)
         fingerprint = checkpoint_fingerprint(checkpoint)
+        moments = _moments_fingerprint(featurizer)
         distributed.agree(f"featurize(model_id={model_id})",
-                          {"model_id": model_id, "checkpoint": fingerprint})
+                          {"model_id": model_id, "checkpoint": fingerprint, "moments": moments})
 
         def register(metadata: Dict[str, Any]) -> Dict[str, Any]:
             entry = metadata["models"].get(str(model_id))
-            if entry is not None and entry["checkpoint"] != fingerprint:
+            if entry is not None and (entry["checkpoint"], entry.get("second_moments")) != \
+                    (fingerprint, moments):
                 raise ValueError(f"model_id {model_id} was featurized with a different "
-                                 "checkpoint; use a new model_id or a new save_dir")
+                                 "checkpoint or optimizer_state; use a new model_id or a new save_dir")
             if entry is None:
                 entry = {"checkpoint": fingerprint, "featurized": False, "kernels": {}}
+                if moments is not None:
+                    entry["second_moments"] = moments
                 metadata["models"][str(model_id)] = entry
             return entry
 
@@ -258,8 +273,9 @@ class TRAK:
 
     def featurize_targets(self, name: str, checkpoint: Mapping[str, torch.Tensor],
                           targets: Iterable[Batch], *, model_id: int,
-                          overwrite: bool = False) -> None:
-        """Computes and saves the target features ``[t, k]`` of experiment ``name`` for a checkpoint."""
+                          overwrite: bool = False, optimizer_state: Any = None) -> None:
+        """Computes and saves the target features ``[t, k]`` of experiment ``name`` for a
+        checkpoint (with the ``optimizer_state`` its train rows were featurized with, if any)."""
         name = check_name(name)
         model_id = _check_model_id(model_id)
         entry = self.store.model_entry(model_id)
@@ -267,7 +283,12 @@ class TRAK:
             raise ValueError(f"model_id {model_id} has no train features; featurize it first")
         if entry["checkpoint"] != checkpoint_fingerprint(checkpoint):
             raise ValueError(f"this is not the checkpoint model_id {model_id} was featurized with")
-        featurizer, targets = self._checked(checkpoint, model_id, targets, f"targets {name!r}")
+        featurizer, targets = self._checked(checkpoint, model_id, targets, f"targets {name!r}",
+                                            optimizer_state=optimizer_state)
+        if _moments_fingerprint(featurizer) != entry.get("second_moments"):
+            raise ValueError(f"model_id {model_id}'s train rows were featurized "
+                             f"{'with another' if entry.get('second_moments') else 'without an'} "
+                             "optimizer_state: pass the same to featurize_targets")
         experiment = self.store.metadata["experiments"].get(name)
         if experiment is not None and str(model_id) in experiment["targets"] and not overwrite:
             raise ValueError(f"experiment {name!r} already has target features for model_id "
