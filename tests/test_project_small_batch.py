@@ -134,7 +134,8 @@ def variant_outputs():
     """A fixed set of register-kernel results over ragged shapes, dtypes and offsets."""
     gen = torch.Generator().manual_seed(123)
     outs = []
-    for batch, n, k in RAGGED + [(13, 4100, 2048)]:
+    # k = 32, 80, 130, 176: 2, 5, 9 and 11 groups of 16 columns, the AVX2 kernel's tail passes
+    for batch, n, k in RAGGED + [(13, 4100, 2048), (5, 300, 32), (4, 300, 80), (2, 300, 130), (1, 300, 176)]:
         g = torch.randn(batch, n, generator=gen)
         outs.append(project(g, k, seed=5, feature_offset=2**32 - 7))
     mixed = {"a": torch.randn(3, 300, generator=gen).half(), "b": torch.randn(3, 10, 50, generator=gen).bfloat16(),
@@ -162,14 +163,72 @@ def test_instruction_set_variants_give_the_same_bits(kernel, tmp_path, disable):
         assert torch.equal(a, b)
 
 
-def test_default_rule_is_a_function_of_the_batch_size(kernel):
-    """B <= 256 takes the register kernel, larger batches the tiles (docs/matrix.md, the CPU kernels)."""
-    for batch, expected in ((256, "registers"), (257, "tiles")):
-        g = torch.randn(batch, 700)
+def test_default_takes_the_register_kernel_at_every_batch_size(kernel):
+    """Every float32 Rademacher call takes the register kernel by default (docs/matrix.md, the CPU
+    kernels); TRAK_FAST_CPU_KERNEL=tiles stays an override for benchmarks."""
+    for batch in (1, 256, 257, 600):
+        g = torch.randn(batch, 300)
         kernel("auto")
         chosen = project(g, 260)
-        kernel(expected)
+        kernel("registers")
         assert torch.equal(chosen, project(g, 260))
+        kernel("tiles")
+        assert not torch.equal(chosen, project(g, 260))
+
+
+_DEFAULT_CHILD = r"""
+import os, sys, torch
+os.environ.pop("TRAK_FAST_CPU_KERNEL", None)
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import test_project_small_batch as t
+torch.save(t.default_outputs(), sys.argv[2])
+"""
+
+DEFAULT_BATCHES = (1, 5, 300, 600)
+
+
+def default_outputs():
+    """Under default settings, for each B in DEFAULT_BATCHES: project(G) with 2 threads, and
+    whether it equals the 1-thread result and, row by row, project(G[b:b+1]) bitwise."""
+    gen = torch.Generator().manual_seed(321)
+    previous = torch.get_num_threads()
+    outs, same_threads, same_rows = [], [], []
+    try:
+        for batch in DEFAULT_BATCHES:
+            g = torch.randn(batch, 300, generator=gen)  # 300 rows: a block of 256 and one of 44
+            torch.set_num_threads(2)
+            whole = project(g, 300, seed=8)  # 300 columns: 16 groups, then 3 in a second chunk
+            same_rows.append(all(torch.equal(whole[b : b + 1], project(g[b : b + 1], 300, seed=8))
+                                 for b in range(batch)))
+            torch.set_num_threads(1)
+            same_threads.append(torch.equal(project(g, 300, seed=8), whole))
+            outs.append(whole)
+    finally:
+        torch.set_num_threads(previous)
+    return {"outs": outs, "same_threads": same_threads, "same_rows": same_rows}
+
+
+def test_default_bits_do_not_depend_on_batch_size_threads_or_instruction_set(monkeypatch, tmp_path):
+    """Issue 25: a float32 Rademacher call gives the same bits whatever the batch it sits in,
+    the thread count and the instruction set. Row b of project(G) is project(G[b:b+1]) bitwise
+    for B on both sides of the old 256 threshold, 1 and 2 threads agree, and the AVX2 + FMA and
+    portable kernels (fresh processes) give what runs here; all near the float64 reference."""
+    monkeypatch.delenv("TRAK_FAST_CPU_KERNEL", raising=False)
+    ours = default_outputs()
+    assert all(ours["same_rows"]) and all(ours["same_threads"])
+    gen = torch.Generator().manual_seed(321)
+    for batch, out in zip(DEFAULT_BATCHES, ours["outs"]):
+        g = torch.randn(batch, 300, generator=gen)
+        assert rel_err(out, reference(g, 300, seed=8)) < 1e-5
+    here = os.path.abspath(__file__)
+    for disable in (["TRAK_FAST_DISABLE_AVX512"], ["TRAK_FAST_DISABLE_AVX512", "TRAK_FAST_DISABLE_AVX2"]):
+        target = tmp_path / "default.pt"
+        env = dict(os.environ, **{name: "1" for name in disable})
+        subprocess.run([sys.executable, "-c", _DEFAULT_CHILD, here, str(target)], env=env, check=True)
+        theirs = torch.load(target)
+        assert all(theirs["same_rows"]) and all(theirs["same_threads"]), disable
+        for a, b in zip(ours["outs"], theirs["outs"]):
+            assert torch.equal(a, b), disable
 
 
 def test_gaussian_and_float64_always_take_the_tiles(kernel):

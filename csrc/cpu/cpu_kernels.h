@@ -1,5 +1,5 @@
 // Pieces shared by the CPU kernels (csrc/cpu/*.cpp): the instruction-set dispatch, the
-// AVX-512 Philox round, and the register kernel for small Rademacher batches.
+// AVX-512 Philox round, and the register kernel for float32 Rademacher projections.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,20 +46,14 @@ __attribute__((target("avx512f"), always_inline)) inline void philox_round_avx51
 // kRademacherBlockCols. Threads share out whole chunks.
 constexpr int64_t kChunkCols = 256;
 
-// The largest batch (rows of out) that the register kernel takes by default; above it
-// the tile + GEMM path runs. See rademacher_registers_chosen. From benchmarks/kernel_choice.py
-// (AMD EPYC, 1 and 2 threads, B 1..384, n 2^16..2^23, k 256..4096): with AVX-512 the register
-// kernel was 2.2-10x faster at every shape; on the AVX2 + FMA path it was within 6% of the
-// better kernel up to B = 256 and 7-11% slower at B = 384.
-constexpr int64_t kRegisterMaxBatch = 256;
-
-// Which CPU kernel project_add_cpu runs for a float32 Rademacher projection of a [B, k]
-// output: the register kernel when B <= kRegisterMaxBatch, tiles + GEMM otherwise. A rule
-// of the shape alone, the same on every CPU, so a given call sums in the same order (and
-// gives the same bits) everywhere. TRAK_FAST_CPU_KERNEL=registers / =tiles / =auto
-// overrides it (read at every call; for benchmarks and tests). The Gaussian kind and
-// float64 outputs always take the tiles.
-bool rademacher_registers_chosen(int64_t batch, int64_t k);
+// Whether project_add_cpu runs the register kernel for a float32 Rademacher projection: yes,
+// whatever the shape and the CPU, so a call sums in the same order (and gives the same bits)
+// everywhere, and each batch row's result does not depend on the rest of the batch. With
+// AVX-512 (AMD EPYC, benchmarks/kernel_choice.py) it was 2.2-14x faster than tiles + GEMM at
+// every measured shape; its AVX2 + FMA version runs near the two FMAs per cycle of the ports.
+// TRAK_FAST_CPU_KERNEL=tiles (or =registers / =auto, the default) overrides it, read at every
+// call, for benchmarks and tests only. The Gaussian kind and float64 outputs take the tiles.
+bool rademacher_registers_chosen();
 
 // out[:, col0:col0 + ncols] += scale * sum over pieces of piece @ R[rows, col0:col0 + ncols]
 // for Rademacher R, ncols <= kChunkCols and col0 a multiple of it, out a contiguous float32

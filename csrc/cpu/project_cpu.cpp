@@ -238,11 +238,12 @@ void project_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, 
   std::vector<at::Tensor> pieces;
   pieces.reserve(grads.size());
   for (const at::Tensor& piece : grads) pieces.push_back(piece.reshape({out.size(0), -1}));
-  // Small float32 Rademacher batches take the register kernel (project_small_batch_cpu.cpp),
-  // which never expands R into a tile; it sums in its own fixed order, so it agrees with
-  // the tile path to rounding, and is itself bitwise independent of the thread count.
+  // float32 Rademacher projections take the register kernel (project_small_batch_cpu.cpp) at
+  // every batch size, which never expands R into a tile; it sums in its own fixed order, so
+  // it agrees with the tile path to rounding, and is itself bitwise independent of the
+  // thread count, the instruction set and the batch size.
   const bool registers = kind == kRademacher && acc.scalar_type() == at::kFloat &&
-                         rademacher_registers_chosen(out.size(0), k);
+                         rademacher_registers_chosen();
   const int64_t chunks = (k + kChunkCols - 1) / kChunkCols;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;

@@ -1,4 +1,5 @@
-// The register kernel: Rademacher projections of small batches without tiles of R.
+// The register kernel: float32 Rademacher projections, at every batch size, without tiles
+// of R. (The file name is from when it took small batches only.)
 //
 // For a chunk of 256 output columns, Philox gives the 256 sign bits of a row of R (two
 // calls, 16 rows at a time), kept as 16 masks of 16 columns (2 bytes per 16 entries of R,
@@ -6,7 +7,8 @@
 // multiplied by the broadcast gradient entry g[b, i] and added into the accumulators of a
 // few batch rows at once: one FMA per 16 entries of R and batch row, no float tile of R
 // written or read, and no GEMM. The tile path instead pays for expanding all p x k
-// entries into memory on every call, whatever B is, which dominates at small B.
+// entries into memory on every call, whatever B is, which dominates at small B; at large B
+// its GEMM and this kernel's FMAs are both near the FMA ports' throughput.
 //
 // Summation order, for every output element (b, j), fixed by the shapes alone:
 //
@@ -21,8 +23,9 @@
 // blocked, nor on the instruction set: the AVX-512, AVX2 + FMA and portable kernels give
 // the same bits (tests/test_project_small_batch.py; TRAK_FAST_DISABLE_AVX512=1 and
 // TRAK_FAST_DISABLE_AVX2=1 select the others). It is not the tile + GEMM path's order, so
-// the two paths agree to rounding, not bitwise; which one runs is a rule of B alone
-// (rademacher_registers_chosen), so a given call gives the same bits on every CPU.
+// the two paths agree to rounding, not bitwise; every float32 Rademacher projection takes
+// this kernel, whatever B (rademacher_registers_chosen), so a call gives the same bits on
+// every CPU and for every thread count, and row b of project(G) is bitwise project(G[b:b+1]).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -35,8 +38,7 @@
 
 namespace trak_fast {
 
-bool rademacher_registers_chosen(int64_t batch, int64_t k) {
-  (void)k;  // the kernel works on 256-column chunks, so its cost per chunk ignores k
+bool rademacher_registers_chosen() {
   const char* force = std::getenv("TRAK_FAST_CPU_KERNEL");
   if (force && force[0] != '\0' && std::strcmp(force, "auto") != 0) {
     TORCH_CHECK(std::strcmp(force, "registers") == 0 || std::strcmp(force, "tiles") == 0,
@@ -44,7 +46,7 @@ bool rademacher_registers_chosen(int64_t batch, int64_t k) {
                 force, "'");
     return std::strcmp(force, "registers") == 0;
   }
-  return batch <= kRegisterMaxBatch;
+  return true;
 }
 
 namespace {
@@ -140,45 +142,71 @@ void block_generic_4(const float* const* g, int64_t nrows, const SignMasks& mask
 
 #ifdef TRAK_FAST_X86_DISPATCH
 // AVX2 + FMA: the sign rows come from kSigns (8 lanes per load), and each FMA(+-1, g, acc)
-// rounds once, like acc + g * sign in the portable loop. NB batch rows x NV groups.
-template <int NB, int NV>
+// rounds once, like acc + g * sign in the portable loop.
+//
+// total[nb * 256 + 16 v0 ..] += the partial sums of batch rows g[0 .. NB) over the block,
+// for the 16 NG columns of groups v0 .. v0 + NG: NB x 2 NG accumulators of 8 lanes. With
+// NB = 3, NG = 2 they are 12 of the 16 ymm registers, the 3 broadcast entries of g and
+// the sign row take the other 4, and each row of R costs 4 mask bytes, 4 sign rows and 3
+// broadcasts (11 loads) for 12 FMAs: no spills, near the 2 FMAs per cycle of the ports.
+// The accumulators live in a flat array with fully unrolled loops (a nested array of
+// __m256 made GCC store every accumulator to the stack on every row). The float32 sums
+// are added into the float64 totals here, in the block's order, as the other kernels do.
+template <int NB, int NG>
 __attribute__((target("avx2,fma"))) void block_avx2(const float* const* g, int64_t nrows,
-                                                   const SignMasks& masks, int v0, float* part) {
-  __m256 acc[NB][NV][2];
-  for (int nb = 0; nb < NB; ++nb)
-    for (int v = 0; v < NV; ++v) acc[nb][v][0] = acc[nb][v][1] = _mm256_setzero_ps();
+                                                   const SignMasks& masks, int v0,
+                                                   double* total) {
+  constexpr int NH = 2 * NG;  // 8-lane halves of the NG groups
+  __m256 acc[NB * NH];
+#pragma GCC unroll 32
+  for (int i = 0; i < NB * NH; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t r = 0; r < nrows; ++r) {
-    __m256 gv[NB];
-    for (int nb = 0; nb < NB; ++nb) gv[nb] = _mm256_broadcast_ss(g[nb] + r);
-    for (int v = 0; v < NV; ++v) {
-      const uint32_t m = masks[v0 + v][r];
-      const __m256 lo = _mm256_loadu_ps(kSigns.rows[m & 0xFFu]);
-      const __m256 hi = _mm256_loadu_ps(kSigns.rows[m >> 8]);
-      for (int nb = 0; nb < NB; ++nb) {
-        acc[nb][v][0] = _mm256_fmadd_ps(lo, gv[nb], acc[nb][v][0]);
-        acc[nb][v][1] = _mm256_fmadd_ps(hi, gv[nb], acc[nb][v][1]);
-      }
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; ++h) {
+      const uint32_t m = masks[v0 + h / 2][r];
+      const __m256 sign = _mm256_load_ps(kSigns.rows[h % 2 ? m >> 8 : m & 0xFFu]);
+#pragma GCC unroll 8
+      for (int nb = 0; nb < NB; ++nb)
+        acc[nb * NH + h] = _mm256_fmadd_ps(sign, _mm256_broadcast_ss(g[nb] + r), acc[nb * NH + h]);
     }
   }
+#pragma GCC unroll 8
   for (int nb = 0; nb < NB; ++nb) {
-    for (int v = 0; v < NV; ++v) {
-      _mm256_storeu_ps(part + nb * kChunk + 16 * (v0 + v), acc[nb][v][0]);
-      _mm256_storeu_ps(part + nb * kChunk + 16 * (v0 + v) + 8, acc[nb][v][1]);
+#pragma GCC unroll 32
+    for (int h = 0; h < NH; ++h) {
+      double* t = total + nb * kChunk + 16 * v0 + 8 * h;
+      const __m256 a = acc[nb * NH + h];
+      _mm256_storeu_pd(t, _mm256_add_pd(_mm256_loadu_pd(t), _mm256_cvtps_pd(_mm256_castps256_ps128(a))));
+      _mm256_storeu_pd(t + 4, _mm256_add_pd(_mm256_loadu_pd(t + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1))));
     }
   }
 }
 
-// Rows g[0 .. nb), nb <= 4, over groups [0, ngroups).
+// Groups [v0, ngroups) for NB batch rows: passes of NG groups, then fewer for the rest.
+template <int NB, int NG>
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* const* g, int64_t nrows,
+                                                  const SignMasks& masks, int v0, int ngroups,
+                                                  double* total) {
+  for (; v0 + NG <= ngroups; v0 += NG) block_avx2<NB, NG>(g, nrows, masks, v0, total);
+  if constexpr (NG > 1) {
+    if (v0 < ngroups) rows_avx2<NB, NG - 1>(g, nrows, masks, v0, ngroups, total);
+  }
+}
+
+// Batch rows per register block of the AVX2 kernel (rows_avx2<3, 2>); 2 and 1 for the rest.
+constexpr int kAvx2Rows = 3;
+
+// total[b * 256 + j] += the block's partial sums for batch rows g[0 .. nb), nb <= 3.
 __attribute__((target("avx2,fma"))) void block_rows_avx2(const float* const* g, int64_t nb,
                                                         int64_t nrows, const SignMasks& masks,
-                                                        int ngroups, float* part) {
-  if (nb == 4) {
-    for (int v0 = 0; v0 < ngroups; ++v0) block_avx2<4, 1>(g, nrows, masks, v0, part);
-    return;
+                                                        int ngroups, double* total) {
+  switch (nb) {
+    case 1: return rows_avx2<1, 6>(g, nrows, masks, 0, ngroups, total);
+    case 2: return rows_avx2<2, 3>(g, nrows, masks, 0, ngroups, total);
+    default: return rows_avx2<3, 2>(g, nrows, masks, 0, ngroups, total);
   }
-  for (int64_t b = 0; b < nb; ++b)
-    for (int v0 = 0; v0 < ngroups; v0 += 2) block_avx2<1, 2>(g + b, nrows, masks, v0, part + b * kChunk);
 }
+static_assert(kAvx2Rows == 3, "block_rows_avx2 handles up to 3 rows");
 
 bool use_avx2() {
   static const bool enabled = [] {
@@ -337,12 +365,20 @@ void project_columns_registers(const at::Tensor& out, const std::vector<at::Tens
       }
 #endif
       (void)avx512;
+      (void)avx2;
       sign_masks_generic(seed, row, nrows, col_block, masks);
+#ifdef TRAK_FAST_X86_DISPATCH
+      if (avx2) {
+        for (int64_t b0 = 0; b0 < batch; b0 += kAvx2Rows) {
+          const int64_t nb = std::min<int64_t>(kAvx2Rows, batch - b0);
+          block_rows_avx2(rows.data() + b0, nb, nrows, masks, ngroups, total.data() + b0 * kChunk);
+        }
+        continue;
+      }
+#endif
       for (int64_t b0 = 0; b0 < batch;) {
         const int64_t nb = batch - b0 >= 4 ? 4 : 1;
-        if (avx2) {
-          block_rows_avx2(rows.data() + b0, nb, nrows, masks, ngroups, part);
-        } else if (nb == 4) {
+        if (nb == 4) {
           block_generic_4(rows.data() + b0, nrows, masks, ngroups, part);
         } else {
           block_generic_1(rows.data() + b0, nrows, masks, ngroups, part);
