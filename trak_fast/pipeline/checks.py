@@ -12,8 +12,9 @@ What is checked up front, and why it is cheap:
   examples against ``train_size`` where it is known without loading data (a list of batches,
   or a ``DataLoader`` over a sized data set);
 - the first batch against the task and the model: the task's structure check and one forward
-  pass (no gradients) with the first checkpoint, which catches missing labels, wrong shapes
-  and labels out of range in that batch.
+  pass (no gradients) with the first checkpoint, of its first two examples when every tensor
+  of the batch is per-example (else of all of it), which catches missing labels, wrong shapes
+  and labels out of range there.
 
 What cannot be seen without iterating the data is checked batch by batch, before each batch
 is featurized: the structure and per-example shapes, the example fingerprints
@@ -150,6 +151,12 @@ def check_first_batch(model: torch.nn.Module, run: Callable[..., Any], task: Tas
         if isinstance(t, torch.Tensor) and t.is_meta:
             raise ValueError(f"{where} holds a tensor on the meta device (shape {tuple(t.shape)}), "
                              "which has no values; load the data onto the CPU or a GPU")
+    # The forward pass on the first two examples only, when every tensor of the batch is
+    # per-example (dimension 0 of size B): the same checks at a fraction of the cost.
+    leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    if size > 2 and leaves and all(t.dim() >= 1 and t.shape[0] == size for t in leaves):
+        batch = pytree.tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) else t, batch)
+        size = 2
     batch = to_device(batch, device)
     classes = None
     with eval_mode(model), torch.no_grad():

@@ -42,8 +42,8 @@ def symmetric_gram(pieces: Sequence[torch.Tensor], blocks: int = 8) -> torch.Ten
     for i in range(0, k, step):
         for s in pieces:                        # column block i, rows i and down
             lower[i:, i:i + step].addmm_(s[:, i:].T, s[:, i:i + step])
-    lower = lower.tril()
-    return lower + lower.tril(-1).T
+    lower.tril_()
+    return lower.add_(lower.tril(-1).T)
 
 
 class FisherSolve:
@@ -61,19 +61,19 @@ class FisherSolve:
         n = n_f if n is None else n
         self.n_f, self.k = n, k          # the Gram form below divides by n, as F does
         self.rows = n_f
-        gram = symmetric_gram(pieces) if k <= n_f else None
+        gram = symmetric_gram(pieces).double() if k <= n_f else None
         if gram is None:
             s = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         squares = gram.diagonal() if gram is not None else s.double().square().sum(0)
-        self.trace = float(squares.double().sum()) / n
+        self.trace = float(squares.sum()) / n
         self.lam = c * self.trace / min(k, n_f)
         if self.lam <= 0:
             raise ValueError("curvature='fisher' needs lambda_reg > 0 (relative to the mean "
                              "eigenvalue of each layer's Fisher)")
         self.s = None
-        if gram is not None:
-            eye = torch.eye(k, dtype=torch.float64, device=gram.device)
-            self.chol = torch.linalg.cholesky(gram.double() / n + self.lam * eye)
+        if gram is not None:                         # F + lambda I, in place
+            gram.div_(n).diagonal().add_(self.lam)
+            self.chol = torch.linalg.cholesky(gram)
         else:
             self.s = s.double()
             eye = torch.eye(n_f, dtype=torch.float64, device=s.device)
