@@ -9,6 +9,7 @@ memory; the tile kernel's generation alone takes seconds there) and listed as sk
 
     python benchmarks/kernel_choice.py                      # -> results/kernel_choice.json
     python benchmarks/kernel_choice.py --quick              # a few shapes, to try it
+    python benchmarks/kernel_choice.py --small-batch-goal   # B = 1 vs 64 per row -> results/kernel_choice_small_batch_goal.json
     python benchmarks/kernel_choice.py --large-batches      # B 256..1024, n = 2^20, k 1024 and 4096
                                                             # -> results/kernel_choice_large_batches_all_registers.json
 
@@ -169,6 +170,41 @@ def print_report(report: dict) -> None:
         print(f"\ndefault rule: worst {default:.2f}x the better kernel, {verdict} the {BOUND:.2f} bound")
 
 
+_GOAL_CHILD = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+import trak_fast
+n, k, repeat = 2**23, 2048, int(sys.argv[2])
+out = {}
+for B in (1, 64):
+    g = torch.randn(B, n)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter(); trak_fast.project(g, k, seed=0); best = min(best, time.perf_counter() - start)
+    out[B] = best
+print(json.dumps(out))
+"""
+
+
+def small_batch_goal(args) -> dict:
+    """The small-batch goal: B = 1's time per row at most 3x B = 64's, n = 2^23, k = 2048, the
+    default kernel, 2 threads, on each ISA path."""
+    rows = {}
+    for kind, env in machine_kinds():
+        proc = subprocess.run([sys.executable, "-c", _GOAL_CHILD, "2", str(args.repeat)],
+                              env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind}: {proc.stderr[-2000:]}")
+        seconds = json.loads(proc.stdout.strip().splitlines()[-1])
+        ratio = seconds["1"] / (seconds["64"] / 64)
+        rows[kind] = {"default_kernel_seconds": seconds, "B1_per_row_over_B64_per_row": ratio}
+        print(f"{kind}: B = 1 {seconds['1']:.3f} s, B = 64 {seconds['64']:.3f} s: per row "
+              f"{ratio:.2f}x B = 64's (goal <= 3)", flush=True)
+    return {"n": 2**23, "k": 2048, "threads": 2, "repeat": args.repeat, "paths": rows,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{cpu_model()} ({cpu_flags()}), load average {os.getloadavg()[0]:.1f}"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -182,7 +218,16 @@ def main(argv=None) -> int:
     p.add_argument("--ns", type=int, nargs="+", default=None)
     p.add_argument("--ks", type=int, nargs="+", default=None)
     p.add_argument("--out", default=None, help="JSON path (default results/kernel_choice[_large_batches_all_registers].json)")
+    p.add_argument("--small-batch-goal", action="store_true",
+                   help="B = 1 against B = 64 per row at n = 2^23, k = 2048 (goal <= 3x) instead")
     args = p.parse_args(argv)
+    if args.small_batch_goal:
+        report = small_batch_goal(args)
+        out = args.out or os.path.join(HERE, "results", "kernel_choice_small_batch_goal.json")
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {out}")
+        return 0
     given = (args.batches, args.ns, args.ks)
     if args.quick:
         defaults = ((1, 8, 64), (2**16, 2**20), (256, 1024))

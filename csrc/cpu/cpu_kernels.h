@@ -58,7 +58,7 @@ bool rademacher_registers_chosen();
 // out[:, col0:col0 + ncols] += scale * sum over pieces of piece @ R[rows, col0:col0 + ncols]
 // for Rademacher R, ncols <= kChunkCols and col0 a multiple of it, out a contiguous float32
 // [B, k] tensor and each piece a [B, width] view of any floating dtype. Single-threaded;
-// the caller shares out the column chunks. See project_small_batch_cpu.cpp.
+// the caller shares out the column chunks. See project_registers_cpu.cpp.
 void project_columns_registers(const at::Tensor& out, const std::vector<at::Tensor>& pieces,
                                uint64_t seed, int64_t feature_offset, double scale, int64_t col0,
                                int64_t ncols);

@@ -1,5 +1,5 @@
 // CPU kernels: generate tiles of R into a small buffer, multiply them with BLAS; and the
-// choice between this path and the register kernel (project_small_batch_cpu.cpp).
+// choice between this path and the register kernel (project_registers_cpu.cpp).
 //
 // out[:, cols] += scale * G[:, rows] @ R[rows, cols], one tile of R at a time. The tile
 // buffers (one per thread, kTileElems entries) are the only extra memory, whatever n is.
@@ -238,7 +238,7 @@ void project_add_cpu(const at::Tensor& out, at::TensorList grads, int64_t seed, 
   std::vector<at::Tensor> pieces;
   pieces.reserve(grads.size());
   for (const at::Tensor& piece : grads) pieces.push_back(piece.reshape({out.size(0), -1}));
-  // float32 Rademacher projections take the register kernel (project_small_batch_cpu.cpp) at
+  // float32 Rademacher projections take the register kernel (project_registers_cpu.cpp) at
   // every batch size, which never expands R into a tile; it sums in its own fixed order, so
   // it agrees with the tile path to rounding, and is itself bitwise independent of the
   // thread count, the instruction set and the batch size.

@@ -183,3 +183,9 @@ def checkpoint_fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def moments_fingerprint(moments) -> Optional[str]:
+    """A hash of the second moments a featurizer divides by (``optimizer_state=``; ``None``:
+    none), recorded with a store's train rows so that its targets use the same."""
+    return None if moments is None else checkpoint_fingerprint(moments.inverse)

@@ -52,18 +52,12 @@ from ..scoring.top_k import TopK, top_k
 from ..settings import (CURVATURES, ESTIMATOR_FIELDS, FeatureSettings, ScoreSettings, check_choice,
                         feature_settings, score_settings)
 from . import checks, distributed
-from .fingerprint import Ledger, check_rows, checkpoint_fingerprint
+from .fingerprint import Ledger, check_rows, checkpoint_fingerprint, moments_fingerprint
 from .store import check_name, open_store, save_array_atomic, store_settings, temp_path
 from .store_scores import score_columns
 from .train_rows import check_same_train_examples, write_train_features
 
 logger = logging.getLogger("trak_fast")
-
-
-def _moments_fingerprint(featurizer) -> Optional[str]:
-    """A hash of the second moments a featurizer divides by (``None``: none)."""
-    moments = featurizer.moments
-    return None if moments is None else checkpoint_fingerprint(moments.inverse)
 
 
 def _check_model_id(model_id: Any) -> int:
@@ -179,7 +173,7 @@ class TRAK:
                                               expected=self.train_size,
                                               optimizer_state=optimizer_state)
         fingerprint = checkpoint_fingerprint(checkpoint)
-        moments = _moments_fingerprint(featurizer)
+        moments = moments_fingerprint(featurizer.moments)
         distributed.agree(f"featurize(model_id={model_id})",
                           {"model_id": model_id, "checkpoint": fingerprint, "moments": moments})
 
@@ -285,7 +279,7 @@ class TRAK:
             raise ValueError(f"this is not the checkpoint model_id {model_id} was featurized with")
         featurizer, targets = self._checked(checkpoint, model_id, targets, f"targets {name!r}",
                                             optimizer_state=optimizer_state)
-        if _moments_fingerprint(featurizer) != entry.get("second_moments"):
+        if moments_fingerprint(featurizer.moments) != entry.get("second_moments"):
             raise ValueError(f"model_id {model_id}'s train rows were featurized "
                              f"{'with another' if entry.get('second_moments') else 'without an'} "
                              "optimizer_state: pass the same to featurize_targets")

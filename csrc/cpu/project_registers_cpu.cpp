@@ -1,5 +1,5 @@
 // The register kernel: float32 Rademacher projections, at every batch size, without tiles
-// of R. (The file name is from when it took small batches only.)
+// of R.
 //
 // For a chunk of 256 output columns, Philox gives the 256 sign bits of a row of R (two
 // calls, 16 rows at a time), kept as 16 masks of 16 columns (2 bytes per 16 entries of R,

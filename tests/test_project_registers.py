@@ -1,4 +1,4 @@
-"""The CPU register kernel for small Rademacher batches (csrc/cpu/project_small_batch_cpu.cpp).
+"""The CPU register kernel for float32 Rademacher projections (csrc/cpu/project_registers_cpu.cpp).
 
 It is checked against the float64 oracle (projection_matrix in float64, then a matmul), for
 bitwise independence of the thread count and of the batch blocking, and for the same bits
@@ -125,7 +125,7 @@ import os, sys, torch
 torch.set_num_threads(2)
 os.environ["TRAK_FAST_CPU_KERNEL"] = "registers"
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import test_project_small_batch as t
+import test_project_registers as t
 torch.save(t.variant_outputs(), sys.argv[2])
 """
 
@@ -180,7 +180,7 @@ _DEFAULT_CHILD = r"""
 import os, sys, torch
 os.environ.pop("TRAK_FAST_CPU_KERNEL", None)
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import test_project_small_batch as t
+import test_project_registers as t
 torch.save(t.default_outputs(), sys.argv[2])
 """
 
