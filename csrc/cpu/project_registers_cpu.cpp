@@ -2,7 +2,7 @@
 // of R.
 //
 // For a chunk of 256 output columns, Philox gives the 256 sign bits of a row of R (two
-// calls, 16 rows at a time), kept as 16 masks of 16 columns (2 bytes per 16 entries of R,
+// calls, 16 rows at a time with AVX-512, 8 with AVX2, in vector registers), kept as 16 masks of 16 columns (2 bytes per 16 entries of R,
 // for a block of 256 rows: 8 KiB, in L1). Each mask becomes a vector of +-1.0 that is
 // multiplied by the broadcast gradient entry g[b, i] and added into the accumulators of a
 // few batch rows at once: one FMA per 16 entries of R and batch row, no float tile of R
@@ -21,7 +21,7 @@
 // FMA(+-1, g, s) rounds once, so it equals s +- g exactly. The order depends neither on
 // the thread count (threads share out whole column chunks), nor on how the batch rows are
 // blocked, nor on the instruction set: the AVX-512, AVX2 + FMA and portable kernels give
-// the same bits (tests/test_project_small_batch.py; TRAK_FAST_DISABLE_AVX512=1 and
+// the same bits (tests/test_project_registers.py; TRAK_FAST_DISABLE_AVX512=1 and
 // TRAK_FAST_DISABLE_AVX2=1 select the others). It is not the tile + GEMM path's order, so
 // the two paths agree to rounding, not bitwise; every float32 Rademacher projection takes
 // this kernel, whatever B (rademacher_registers_chosen), so a call gives the same bits on
@@ -216,6 +216,66 @@ bool use_avx2() {
   }();
   return enabled;
 }
+
+// One Philox4x32-10 round on 8 counters, philox_round_avx512's twin: _mm256_mul_epu32 gives
+// the 32x32->64 products of the even lanes directly, those of the odd lanes after a 32-bit
+// shift (the compiler's own vectorization of the portable loop emulates them poorly).
+__attribute__((target("avx2"), always_inline)) inline void philox_round_avx2(
+    __m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0, __m256i k1) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i p0e = _mm256_mul_epu32(c0, m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+  const __m256i p1e = _mm256_mul_epu32(c2, m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+  const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+  const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+  const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
+  const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+  c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
+  c1 = lo1;
+  c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
+  c3 = lo0;
+}
+
+// sign_masks_generic on AVX2: 8 rows x 2 Philox blocks per step (the same bits). Rows are
+// 64-bit, so the low word's carry is added (an unsigned compare, by flipping the sign bits).
+__attribute__((target("avx2"))) void sign_masks_avx2(uint64_t seed, uint64_t row0, int64_t nrows,
+                                                     uint64_t col_block, SignMasks& masks) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i tag = _mm256_set1_epi32(static_cast<int>(kRademacherTag));
+  const __m256i block0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(col_block)));
+  const __m256i block1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(col_block + 1)));
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  // Bytes 0-1 (low) or 2-3 (high) of each 32-bit lane, packed into each 128-bit half's low 8.
+  const __m256i low16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i high16 = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t r = 0; r < nrows; r += 8) {
+    const uint64_t row = row0 + static_cast<uint64_t>(r);
+    const __m256i lo_base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
+    const __m256i hi_base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(row >> 32)));
+    const __m256i lo = _mm256_add_epi32(lo_base, iota);
+    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lo_base, flip),
+                                             _mm256_xor_si256(lo, flip));   // -1 where lo wrapped
+    const __m256i hi = _mm256_sub_epi32(hi_base, carry);
+    __m256i w[8] = {lo, hi, block0, tag, lo, hi, block1, tag};
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const __m256i k0v = _mm256_set1_epi32(static_cast<int>(k0));
+      const __m256i k1v = _mm256_set1_epi32(static_cast<int>(k1));
+      philox_round_avx2(w[0], w[1], w[2], w[3], k0v, k1v);
+      philox_round_avx2(w[4], w[5], w[6], w[7], k0v, k1v);
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int t = 0; t < 8; ++t) {
+      const __m256i a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w[t], low16), 0x08);
+      const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w[t], high16), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&masks[2 * t][r]), _mm256_castsi256_si128(a));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&masks[2 * t + 1][r]), _mm256_castsi256_si128(b));
+    }
+  }
+}
 #endif
 
 #ifdef TRAK_FAST_X86_DISPATCH
@@ -339,6 +399,7 @@ void project_columns_registers(const at::Tensor& out, const std::vector<at::Tens
 #else
   const bool avx2 = false;
 #endif
+  (void)avx2;
   alignas(64) SignMasks masks;
   std::vector<double> total(batch * kChunk, 0.0);
   std::vector<float> buf(batch * kBlockRows);
@@ -365,10 +426,9 @@ void project_columns_registers(const at::Tensor& out, const std::vector<at::Tens
       }
 #endif
       (void)avx512;
-      (void)avx2;
-      sign_masks_generic(seed, row, nrows, col_block, masks);
 #ifdef TRAK_FAST_X86_DISPATCH
       if (avx2) {
+        sign_masks_avx2(seed, row, nrows, col_block, masks);
         for (int64_t b0 = 0; b0 < batch; b0 += kAvx2Rows) {
           const int64_t nb = std::min<int64_t>(kAvx2Rows, batch - b0);
           block_rows_avx2(rows.data() + b0, nb, nrows, masks, ngroups, total.data() + b0 * kChunk);
@@ -376,6 +436,7 @@ void project_columns_registers(const at::Tensor& out, const std::vector<at::Tens
         continue;
       }
 #endif
+      sign_masks_generic(seed, row, nrows, col_block, masks);
       for (int64_t b0 = 0; b0 < batch;) {
         const int64_t nb = batch - b0 >= 4 ? 4 : 1;
         if (nb == 4) {
