@@ -291,7 +291,7 @@ def method_table(args) -> Dict[str, tuple]:
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
             seed=ck.model_id, progress=False).double(), None),
             "trak_fast.attribute(task='language_modeling') with nothing else: factored 32x32 "
-            "features, per-layer Fisher of sampled labels, lambda = 0.05 x mean eigenvalue"),
+            "features, per-layer Fisher of sampled labels (4 rows per sequence), lambda = 0.01 x mean eigenvalue"),
         **{f"trak_fast defaults, normalize={how}": (lambda ck, how=how: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
             seed=ck.model_id, normalize=how, progress=False).double(), None),
