@@ -131,16 +131,19 @@ def reference_batches(tokenizer_dir, rows, max_length=32):
     return batches
 
 
-def reference_scores(store, model_dirs, train, queries, tokenizer_dir, **settings):
+def reference_scores(store, model_dirs, train, queries, tokenizer_dir, states=None, **settings):
     load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager")  # noqa: E731
     model = load(model_dirs[0])
     trak = trak_fast.TRAK(store, model, train_size=len(train), task="language_modeling",
                           proj_dim=PROJ_DIM, progress=False, **settings)
+    states = states or [None] * len(model_dirs)
     for m, d in enumerate(model_dirs):
-        trak.featurize(load(d).state_dict(), reference_batches(tokenizer_dir, train), model_id=m)
+        trak.featurize(load(d).state_dict(), reference_batches(tokenizer_dir, train), model_id=m,
+                       optimizer_state=states[m])
     trak.finalize()
     for m, d in enumerate(model_dirs):
-        trak.featurize_targets("q", load(d).state_dict(), reference_batches(tokenizer_dir, queries), model_id=m)
+        trak.featurize_targets("q", load(d).state_dict(), reference_batches(tokenizer_dir, queries),
+                               model_id=m, optimizer_state=states[m])
     return np.array(trak.score("q"))
 
 
@@ -162,6 +165,31 @@ def test_build_then_score_equals_trak_in_python(files, gpt2_run, tmp_path):
                             files["gpt2"])
     assert got.shape == (N_TRAIN, N_QUERIES) and np.abs(want).max() > 0
     np.testing.assert_array_equal(got, want)
+
+
+def test_optimizer_state_flag_equals_trak_in_python(files, gpt2_run, capsys, tmp_path):
+    """build --optimizer-state (a file per checkpoint) gives TRAK.featurize(optimizer_state=)'s
+    scores, other than the plain store's; a wrong count is refused, naming the flag."""
+    paths, states = [], []
+    for i, d in enumerate([files["gpt2"], files["gpt2_b"]]):
+        model = transformers.AutoModelForCausalLM.from_pretrained(d)
+        torch.manual_seed(i)
+        states.append({n: 0.5 + torch.rand_like(p) for n, p in model.named_parameters()})
+        paths.append(tmp_path / f"v{i}.pt")
+        torch.save(states[-1], paths[-1])
+    store = tmp_path / "store"
+    args = ["build", store, "--model", files["gpt2"], "--checkpoint", files["gpt2"], files["gpt2_b"],
+            "--data", files["train"], "--proj-dim", PROJ_DIM, "--batch-size", BATCH, "--no-progress"]
+    code, err = _error(capsys, *args, "--optimizer-state", paths[0])
+    assert code != 0 and "--optimizer-state needs one file per checkpoint: 1 for 2" in err
+    assert run(*args, "--optimizer-state", *paths) == 0
+    assert run("score", store, "--data", files["queries"], "--no-progress") == 0
+    got = np.load(store / "experiment_queries" / "scores.npy")
+    want = reference_scores(tmp_path / "ref", [files["gpt2"], files["gpt2_b"]], TRAIN, QUERIES,
+                            files["gpt2"], states=states)
+    np.testing.assert_array_equal(got, want)
+    plain = np.load(gpt2_run / "experiment_queries" / "scores.npy")
+    assert not np.allclose(got, plain, rtol=1e-3)
 
 
 def test_top_k_jsonl_equals_torch_topk_of_the_scores(gpt2_run):

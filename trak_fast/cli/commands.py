@@ -9,10 +9,13 @@ kept), so Ctrl-C or SIGKILL costs at most the batches in flight.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List
+
+import torch
 
 from ..features.tasks import LanguageModelingTask
 from ..pipeline import distributed
@@ -27,6 +30,7 @@ from .options import BuildOptions, ScoreOptions, record_of
 RECORD = "cli.json"
 #: Keys of the build record that must match on a rerun, and the flag each comes from.
 _IDENTITY = {"model": "--model", "checkpoint_fingerprints": "--model / --checkpoint (weights)",
+             "optimizer_state_fingerprints": "--optimizer-state (file contents)",
              "tokenizer_fingerprint": "--tokenizer (its files)", "attn_implementation":
              "--attn-implementation", "data_fingerprint": "--data (file contents)",
              "split": "--split", "columns": "--text-column / --prompt-column / --completion-column",
@@ -105,6 +109,24 @@ def _load_checkpoint(spec: str, model, attn: str, model_spec: str):
     return models.load_checkpoint(spec, model, attn)
 
 
+def _load_optimizer_state(path: str) -> Any:
+    """A ``--optimizer-state`` file: a torch.save'd ``optimizer.state_dict()`` or ``{name: v}``."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--optimizer-state {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CLIError(f"--optimizer-state {path!r}: cannot read it: {exc}") from exc
+
+
+def _file_fingerprint(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def prepare_build(options: BuildOptions):
     """``(model, tokenizer, rows, checkpoint specs, max_length, record)`` of a build: loads
     and checks every input, featurizes nothing."""
@@ -116,7 +138,16 @@ def prepare_build(options: BuildOptions):
     for model_id, spec in enumerate(specs):
         checkpoints[model_id] = checkpoint_fingerprint(
             _load_checkpoint(spec, model, options.attn_implementation, options.model))
+    states = list(options.optimizer_state or [])
+    if states and len(states) != len(specs):
+        raise CLIError(f"--optimizer-state needs one file per checkpoint: {len(states)} for "
+                       f"{len(specs)} checkpoint(s)")
+    for path in states:
+        _load_optimizer_state(path)          # readable, before anything is featurized
     record = record_of(options)
+    record["optimizer_state"] = [os.path.abspath(p) for p in states]
+    if states:          # absent without: stores built before the flag resume as they were
+        record["optimizer_state_fingerprints"] = [_file_fingerprint(p) for p in states]
     record.update(
         model=_path(options.model), checkpoint=[_path(s) for s in specs],
         checkpoint_fingerprints=[checkpoints[m] for m in sorted(checkpoints)],
@@ -166,7 +197,9 @@ def run_build(options: BuildOptions) -> int:
             say(f"checkpoint {model_id}: already featurized")
             continue
         checkpoint = _load_checkpoint(spec, model, options.attn_implementation, options.model)
-        trak.featurize(checkpoint, batches, model_id=model_id)
+        state = _load_optimizer_state(options.optimizer_state[model_id]) \
+            if options.optimizer_state else None
+        trak.featurize(checkpoint, batches, model_id=model_id, optimizer_state=state)
     trak.finalize(list(range(len(specs))), kernel=options.kernel,
                   kernel_weights=options.kernel_weights)
     say(f"build: done; score queries with: python -m trak_fast score {store} --data QUERIES")
@@ -240,7 +273,9 @@ def run_score(options: ScoreOptions) -> int:
         if experiment is not None and str(model_id) in experiment["targets"]:
             continue
         checkpoint = _load_checkpoint(spec, model, build["attn_implementation"], build["model"])
-        trak.featurize_targets(name, checkpoint, batches, model_id=model_id)
+        states = build.get("optimizer_state") or []
+        state = _load_optimizer_state(states[model_id]) if states else None
+        trak.featurize_targets(name, checkpoint, batches, model_id=model_id, optimizer_state=state)
     wanted = {**vars(scoring), "model_ids": ids}
     if trak.status()["experiments"][name]["scores"] == wanted:
         scores = trak.load_scores(name)

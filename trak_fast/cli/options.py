@@ -52,6 +52,7 @@ class BuildOptions(DataOptions):
     store: Optional[str] = None
     model: Optional[str] = None
     checkpoint: List[str] = field(default_factory=list)
+    optimizer_state: List[str] = field(default_factory=list)
     attn_implementation: str = DEFAULT_ATTENTION
     # FeatureSettings, the store's curvature and the kernel that finalize saves (None: the
     # language-modeling task's preferences; resolved by build_options).
@@ -173,6 +174,10 @@ def add_build_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--checkpoint", nargs="+", metavar="PATH",
                        help="the ensemble's checkpoints: model directories, .safetensors or "
                        "torch.save'd state dicts [the model's own weights]")
+    model.add_argument("--optimizer-state", nargs="+", metavar="PATH",
+                       help="one torch.save'd optimizer.state_dict() (Adam, AdamW) or {name: v} "
+                       "per checkpoint: every gradient is divided by its sqrt(v_hat) + eps "
+                       "(TrackStar's normalization) [none]")
     model.add_argument("--attn-implementation", metavar="NAME",
                        help="attention of Hugging Face models [eager]")
     add_data_flags(parser, what="training set")
