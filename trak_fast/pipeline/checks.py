@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
+from ..features.gradients.vmap import slice_batch
 from ..features.model import Batch, checkpoint_tensors, eval_mode, to_device
 from ..features.tasks import ClassificationTask, Task
 
@@ -155,8 +156,7 @@ def check_first_batch(model: torch.nn.Module, run: Callable[..., Any], task: Tas
     # per-example (dimension 0 of size B): the same checks at a fraction of the cost.
     leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
     if size > 2 and leaves and all(t.dim() >= 1 and t.shape[0] == size for t in leaves):
-        batch = pytree.tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) else t, batch)
-        size = 2
+        batch, size = slice_batch(batch, 0, 2), 2
     batch = to_device(batch, device)
     classes = None
     with eval_mode(model), torch.no_grad():
