@@ -44,17 +44,16 @@ DEFAULT_EPS = 1e-8
 class SecondMoments:
     """``1 / (sqrt(v_hat) + eps)`` of each featurized parameter, and its factored form.
 
-    ``inverse[name]`` has the parameter's shape (float32 or float64 like the model);
-    ``floor[name]`` is ``v_hat + eps^2`` (for the factored form)."""
+    ``inverse[name]`` has the parameter's shape (float32 or float64 like the model); ``eps``
+    is each parameter's ``eps``. Nothing else is kept: :meth:`factors` recovers ``v_hat``."""
 
     def __init__(self, v_hat: Mapping[str, torch.Tensor], eps: Mapping[str, float],
                  device: torch.device, dtype: torch.dtype):
         self.inverse: Dict[str, torch.Tensor] = {}
-        self.floor: Dict[str, torch.Tensor] = {}
+        self.eps = {name: eps[name] for name in v_hat}
         for name, v in v_hat.items():
             v = v.detach().to(device=device, dtype=torch.float64).clamp_min(0)
             self.inverse[name] = (1.0 / (v.sqrt() + eps[name])).to(dtype)
-            self.floor[name] = v + eps[name] ** 2
 
     @classmethod
     def from_state(cls, state: Any, model: torch.nn.Module, names: Sequence[str],
@@ -102,8 +101,11 @@ class SecondMoments:
     def factors(self, name: str, as_matrix) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(a [d_out], b [d_in])`` with ``a b^T`` the rank-one inverse root of ``V`` (module
         docstring); ``as_matrix`` gives the weight's ``[d_out, d_in]`` view (a vector weight:
-        ``(1 / sqrt(V), None)``, exact)."""
-        v = self.floor[name]
+        ``(1 / sqrt(V), None)``, exact). ``V = v_hat + eps^2``, with ``sqrt(v_hat) = 1 /
+        inverse - eps`` (in float64; exact up to the rounding of ``inverse``)."""
+        eps = self.eps[name]
+        root_v = (1.0 / self.inverse[name].double() - eps).clamp_min(0)
+        v = root_v.square() + eps ** 2
         if v.dim() == 1:
             return v.rsqrt(), None
         v = as_matrix(v)
