@@ -289,22 +289,22 @@ def method_table(args) -> Dict[str, tuple]:
     table = {
         "trak_fast defaults": (lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id, progress=False).double(), None),
+            seed=ck.model_id + 1000 * args.seed_offset, progress=False).double(), None),
             "trak_fast.attribute(task='language_modeling') with nothing else: factored 32x32 "
             "features, per-layer Fisher of sampled labels (4 rows per sequence), lambda = 0.01 x mean eigenvalue"),
         **{f"trak_fast defaults, normalize={how}": (lambda ck, how=how: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id, normalize=how, progress=False).double(), None),
+            seed=ck.model_id + 1000 * args.seed_offset, normalize=how, progress=False).double(), None),
             f"the defaults with ScoreSettings(normalize={how!r}): unit-norm train rows, targets or both")
            for how in ("train", "targets", "both")},
         "trak_fast defaults, Adam-normalized": (lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id, optimizer_states=[adam_v_hat(ck, args)], progress=False).double(), None),
+            seed=ck.model_id + 1000 * args.seed_offset, optimizer_states=[adam_v_hat(ck, args)], progress=False).double(), None),
             "the defaults with optimizer_states=: every gradient divided by Adam's sqrt(v_hat) + 1e-8 "
             "(factored: its rank-one form), TrackStar's normalization"),
         "trak_fast defaults, Adam-normalized, normalize=both": (lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id, optimizer_states=[adam_v_hat(ck, args)], normalize="both",
+            seed=ck.model_id + 1000 * args.seed_offset, optimizer_states=[adam_v_hat(ck, args)], normalize="both",
             progress=False).double(), None),
             "TrackStar's full recipe on top of the defaults: Adam-normalized, then unit norm both sides"),
         "trak_fast defaults (dense k=2048)": (lambda ck: L.trak_scores(ck, "dense"),
@@ -325,7 +325,7 @@ def method_table(args) -> Dict[str, tuple]:
     table["trak_fast curvature=fisher (library, per_layer)"] = (
         lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id, proj_dim=2048, projection="per_layer", kernel="per_layer",
+            seed=ck.model_id + 1000 * args.seed_offset, proj_dim=2048, projection="per_layer", kernel="per_layer",
             curvature="fisher", progress=False).double(), None),
         "trak_fast.attribute(curvature='fisher', projection='per_layer', kernel='per_layer'): the "
         "library's form of the per-layer sampled-label Fisher (default damping 0.01)")
@@ -339,7 +339,7 @@ def method_table(args) -> Dict[str, tuple]:
                     lambda ck, space=space, c=c, kernel=kernel, chunks=chunks: (trak_fast.attribute(
                         ck.model, [ck.checkpoint], ck.train, ck.targets,
                         task=trak_fast.LanguageModelingTask(fisher_chunks=chunks),
-                        **dict(L.SPACES[space], seed=ck.model_id), kernel=kernel,
+                        **dict(L.SPACES[space], seed=ck.model_id + 1000 * args.seed_offset), kernel=kernel,
                         curvature="fisher", lambda_reg=c, progress=False).double(), None),
                     f"trak_fast.attribute(curvature='fisher', kernel={kernel!r}, lambda_reg={c:g}), "
                     f"{space} features (each row featurizes anew: its seconds are the whole call)")
@@ -593,6 +593,9 @@ def parse_args(argv=None):
                    help="prototype rows: a Fisher row per (sequence, chunk of positions)")
     p.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     p.add_argument("--no-kronfluence", action="store_true")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="trak_fast rows use seed model_id + 1000 x this (another draw of the "
+                   "projections and of the sampled labels; 0 reproduces the committed rows)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -610,7 +613,8 @@ def main(argv=None) -> dict:
         old = json.loads(out.read_text())
         rows_only = ("only", "no_kronfluence", "dampings", "threads", "sweep", "library",
                      "library_spaces", "library_kernels", "library_chunks", "fisher_chunks")     # which rows, not how they are made
-        same = {k: v for k, v in old["settings"].items() if k not in rows_only} == \
+        old_settings = {"seed_offset": 0, **old["settings"]}       # runs before the option
+        same = {k: v for k, v in old_settings.items() if k not in rows_only} == \
                {k: v for k, v in report["settings"].items() if k not in rows_only}
         if same:
             names = {row["method"] for row in report["rows"]}

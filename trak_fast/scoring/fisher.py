@@ -53,31 +53,32 @@ class FisherSolve:
 
     def __init__(self, s: Union[torch.Tensor, Sequence[torch.Tensor]], c: float,
                  n: Optional[int] = None):
-        # The Gram matrix in the rows' own precision (float32 features: a float32 GEMM, half
-        # the time; its rounding is far below the damping), everything after it in float64.
+        # The Gram matrix (S^T S, or S S^T for Woodbury) in the rows' own precision (float32
+        # features: a float32 GEMM, half the time; its rounding is far below the damping),
+        # everything after it in float64.
         # s may be given as pieces [rows_j, k] (the chunks' rows), stacked only if needed.
         pieces = [s] if isinstance(s, torch.Tensor) else list(s)
         n_f, k = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
         n = n_f if n is None else n
         self.n_f, self.k = n, k          # the Gram form below divides by n, as F does
         self.rows = n_f
-        gram = symmetric_gram(pieces).double() if k <= n_f else None
-        if gram is None:
+        if k <= n_f:                                 # F's Gram S^T S, [k, k]
+            gram = symmetric_gram(pieces).double()
+        else:                                        # Woodbury: S S^T, [n_f, n_f]
             s = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        squares = gram.diagonal() if gram is not None else s.double().square().sum(0)
-        self.trace = float(squares.sum()) / n
+            gram = symmetric_gram([s.T]).double()
+        self.trace = float(gram.diagonal().sum()) / n       # tr(S^T S) = tr(S S^T)
         self.lam = c * self.trace / min(k, n_f)
         if self.lam <= 0:
             raise ValueError("curvature='fisher' needs lambda_reg > 0 (relative to the mean "
                              "eigenvalue of each layer's Fisher)")
         self.s = None
-        if gram is not None:                         # F + lambda I, in place
+        if k <= n_f:                                 # F + lambda I, in place
             gram.div_(n).diagonal().add_(self.lam)
-            self.chol = torch.linalg.cholesky(gram)
-        else:
+        else:                                        # S S^T + n lambda I, in place
+            gram.diagonal().add_(n * self.lam)
             self.s = s.double()
-            eye = torch.eye(n_f, dtype=torch.float64, device=s.device)
-            self.chol = torch.linalg.cholesky(self.s @ self.s.T + n * self.lam * eye)
+        self.chol = torch.linalg.cholesky(gram)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``(F + lambda I)^-1 v`` for ``v [k, r]``."""
