@@ -60,6 +60,7 @@ def test_settings_are_validated_once_and_frozen():
                        (dict(projection="sketch"), "projection must be one of"),
                        (dict(gradients="fast"), "gradients must be one of"),
                        (dict(factored_dims=(4, 4)), "only used with projection='factored'"),
+                       (dict(projection="factored", factored_dims="big"), "or 'auto', got 'big'"),
                        (dict(projection="factored", gradients="vmap"), "needs the hook path"),
                        (dict(grad_wrt="fc.weight"), "list of parameter names"),
                        (dict(grad_memory=0), "grad_memory"), (dict(feature_dtype="int8"), "feature_dtype")]:
@@ -118,9 +119,9 @@ def test_a_task_fills_only_what_the_caller_leaves_unset():
     lm, cls = trak_fast.LanguageModelingTask(), trak_fast.ClassificationTask()
     # Classification has no preferences: the class defaults, as before.
     assert split_options({}, task=cls) == (FeatureSettings(), ScoreSettings())
-    # Language modeling: factored 32 x 32 and the per-layer Fisher.
+    # Language modeling: factored, k x k from the model's width, and the per-layer Fisher.
     f, s = split_options({}, task=lm)
-    assert (f.projection, f.factored_dims) == ("factored", (32, 32))
+    assert (f.projection, f.factored_dims) == ("factored", "auto")
     assert (s.curvature, s.kernel, s.lambda_reg) == ("fisher", "per_layer", 0.01)
     # A projection keyword chooses the projection; the Fisher stays, over all columns of a
     # dense projection (one block), per layer otherwise.
@@ -136,6 +137,36 @@ def test_a_task_fills_only_what_the_caller_leaves_unset():
     # Objects passed whole are used as given.
     f, s = split_options({}, features=FeatureSettings(), scoring=ScoreSettings(), task=lm)
     assert (f, s) == (FeatureSettings(), ScoreSettings())
+
+
+@pytest.mark.parametrize("width, k", [(16, 32), (64, 32), (80, 40), (96, 48), (768, 48)])
+def test_auto_factored_dims_are_half_the_width_between_32_and_48(width, k):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trak_fast.features.spec import FeatureSpec
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=width, n_layer=1,
+                                       n_head=4, n_inner=3 * width))
+    lm = trak_fast.LanguageModelingTask()
+    auto = FeatureSpec(model, lm, FeatureSettings(projection="factored", factored_dims="auto"))
+    assert auto.factored_dims == (k, k)
+    # Every matrix layer's smaller side is the width (wte is [40, width]: 40 < width for the
+    # widest models, a minority), so the median is the width.
+    explicit = FeatureSpec(model, lm, FeatureSettings(projection="factored", factored_dims=(k, k)))
+    assert [b for b in auto.layout] == [b for b in explicit.layout]
+
+
+def test_auto_factored_features_equal_the_explicit_dims_they_resolve_to():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=8, n_embd=96, n_layer=1,
+                                       n_head=4, n_inner=96, attn_implementation="eager"))
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"input_ids": torch.randint(0, 24, (3, 8))}
+    got = trak_fast.featurize(model, ckpt, [batch], task="language_modeling", progress=False)
+    want = trak_fast.featurize(model, ckpt, [batch], task="language_modeling",
+                               projection="factored", factored_dims=(48, 48), progress=False)
+    # 6 matrices (wte, wpe, c_attn, c_proj, c_fc, mlp c_proj), 4 biases, 3 LayerNorms
+    assert got.phi.shape == (3, 6 * 48 * 48 + 10 * 48) and torch.equal(got.phi, want.phi)
+    assert got.layout == want.layout
 
 
 def test_trak_store_curvature_follows_the_task_and_can_be_chosen(tmp_path):

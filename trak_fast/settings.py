@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -36,6 +36,8 @@ NORMALIZE = ("none", "train", "targets", "both")
 DEFAULT_GRAD_MEMORY = 1 << 30
 #: ``(k_out, k_in)`` per layer of ``projection="factored"`` (bergson's and LoGra's 16 x 16).
 DEFAULT_FACTORED_DIMS = (16, 16)
+#: ``factored_dims="auto"``'s bounds on ``k`` per side (:func:`auto_factored_dims`).
+AUTO_FACTORED_MIN, AUTO_FACTORED_MAX = 32, 48
 #: Relative damping: ``lambda = DEFAULT_LAMBDA_REL * tr(K) / n``, chosen with the LDS sweep.
 DEFAULT_LAMBDA_REL = 3.0
 #: The kernel's row weights for ``ensemble="mean"`` (``"trak"`` always uses ``"none"``), chosen
@@ -57,12 +59,30 @@ def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
     return value
 
 
-def check_factored_dims(dims: Any) -> Tuple[int, int]:
+def check_factored_dims(dims: Any) -> Union[str, Tuple[int, int]]:
+    if isinstance(dims, str) and dims == "auto":
+        return dims
     if (not isinstance(dims, (tuple, list)) or len(dims) != 2
             or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4096 for k in dims)):
         raise ValueError("factored_dims must be a pair of ints (k_out, k_in), each in [1, 4096], "
-                         f"got {dims!r}")
+                         f"or 'auto', got {dims!r}")
     return int(dims[0]), int(dims[1])
+
+
+def auto_factored_dims(width: int) -> Tuple[int, int]:
+    """``factored_dims="auto"``: ``k`` per side, ``(k, k)``, from the model's ``width`` (the
+    median over its factored matrix layers of ``min(d_out, d_in)``: a transformer's hidden
+    size)::
+
+        k = min(AUTO_FACTORED_MAX, max(AUTO_FACTORED_MIN, width // 2))
+
+    Half the width, between 32 and 48. Chosen on the language-model LDS benchmark
+    (``benchmarks/bench_lm_lds.py``, three draws of the projections and labels each): on the
+    width-64 model 32 x 32 (the width rule's value; a larger ``k`` costs it more than the
+    raw gradients), on the width-96 model 48 x 48 beat 32 x 32 in each draw (+0.005, +0.006,
+    +0.003 LDS) while 64 x 64 added 0.001 more at 1.4x the time. The cap keeps a wide
+    model's features (``k^2`` per matrix) and per-layer Fisher (``k^4`` per layer) bounded."""
+    return (min(AUTO_FACTORED_MAX, max(AUTO_FACTORED_MIN, int(width) // 2)),) * 2
 
 
 @dataclass(frozen=True)
@@ -80,8 +100,10 @@ class FeatureSettings:
     #: ``"dense"`` (one P), ``"per_layer"`` (``proj_dim`` split over the layers, one P each) or
     #: ``"factored"`` (per layer ``vec(P_out^T G P_in)``; ``proj_dim`` unused).
     projection: str = "dense"
-    #: ``(k_out, k_in)`` per layer for ``projection="factored"`` (default ``(16, 16)``).
-    factored_dims: Optional[Tuple[int, int]] = None
+    #: ``(k_out, k_in)`` per layer for ``projection="factored"`` (default ``(16, 16)``), or
+    #: ``"auto"``: ``(k, k)`` from the model's width (:func:`auto_factored_dims`; the
+    #: language-modeling task's choice).
+    factored_dims: Optional[Union[str, Tuple[int, int]]] = None
     #: Per-example gradients by ``"auto"`` (hooks where a layer adapter exists), ``"hooks"``
     #: or ``"vmap"``; they agree up to float32 rounding.
     gradients: str = "auto"

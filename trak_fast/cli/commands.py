@@ -231,7 +231,7 @@ def run_score(options: ScoreOptions) -> int:
     rows = Rows(options.data, split=options.split, columns=options.columns())
     features = dict(build["features"])
     for key in ("factored_dims", "grad_wrt"):
-        if features.get(key) is not None:
+        if isinstance(features.get(key), list):         # JSON's lists ("auto" stays)
             features[key] = tuple(features[key])
     curvature = build.get("curvature") or "kernel"      # builds before curvature: the kernel
     trak = TRAK(store, model, train_size=build["train_size"], task=LanguageModelingTask(),

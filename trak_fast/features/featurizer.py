@@ -94,7 +94,7 @@ class Featurizer:
                                            for n in spec.grad_names) else torch.float32)
         self.writer = FeatureWriter(spec, self.seed, settings.kind, settings.nnz, spec.sizes)
         if settings.projection == "factored":
-            self.matrices = FactoredMatrices(self.seed, settings.kind, settings.factored_dims,
+            self.matrices = FactoredMatrices(self.seed, settings.kind, spec.factored_dims,
                                              self.plan.dims, self.device, self.dtype)
         self.moments = None
         if optimizer_state is not None:

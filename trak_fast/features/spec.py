@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..settings import FeatureSettings
+from ..settings import FeatureSettings, auto_factored_dims
 from .gradients import plan_gradients
 from .gradients.factored import factored_layout, factored_widths
 from .layout import FeatureBlock, layer_blocks, parameter_layout, per_layer_dims
@@ -20,11 +20,22 @@ from .model import grad_param_names
 from .tasks import Task
 
 
+def model_width(modules) -> int:
+    """The median over the factored matrix layers (``TrackedModule`` entries of a plan) of
+    ``min(d_out, d_in)``: a transformer's hidden size (vector weights, e.g. norms, do not
+    count; without a matrix layer, the median vector length)."""
+    sides = [min(d_out, d_in) for d_out, d_in in (t.adapter.factored_dims for t in modules)
+             if d_in is not None]
+    sides = sides or [t.adapter.factored_dims[0] for t in modules]
+    return sorted(sides)[(len(sides) - 1) // 2]
+
+
 class FeatureSpec:
     """The feature space of ``model`` under ``task`` and ``settings``.
 
     ``plan`` (which parameters take hooks or vmap), ``grad_names`` (the differentiated
-    parameters, model order), ``num_grad_params``, ``proj_dim`` (``None`` for raw gradients
+    parameters, model order), ``factored_dims`` (``"auto"`` resolved), ``num_grad_params``,
+    ``proj_dim`` (``None`` for raw gradients
     and for the factored projection), ``num_features`` (``k``), ``offsets`` (see the module
     docstring), ``layer_columns`` (``per_layer``: layer -> its columns) and ``layout``: the
     :class:`FeatureBlock` of each parameter (raw, factored), of each layer (per_layer), or one
@@ -45,6 +56,8 @@ class FeatureSpec:
         self.sizes = {name: p.numel() for name, p in model.named_parameters()}
         self.num_grad_params = sum(self.sizes[n] for n in self.grad_names)
         if projection == "factored":
+            if self.factored_dims == "auto":
+                self.factored_dims = auto_factored_dims(model_width(self.plan.modules))
             self.proj_dim = None
             self.layout = factored_layout(self.grad_names, self.plan.roles, self.factored_dims,
                                           factored_widths(self.plan.modules, self.factored_dims))

@@ -12,7 +12,7 @@ from .base import _INTEGER_DTYPES, Task, batch_size_of
 
 IGNORE_INDEX = -100
 #: ``factored_dims`` the task prefers (see :meth:`LanguageModelingTask.preferred_features`).
-LM_FACTORED_DIMS = (32, 32)
+LM_FACTORED_DIMS = "auto"
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -105,10 +105,12 @@ class LanguageModelingTask(Task):
         self.fisher_chunks = fisher_chunks
 
     def preferred_features(self) -> Dict[str, Any]:
-        """Factored ``32 x 32`` features per layer (``vec(P_out^T G P_in)``): on the
-        language-model LDS benchmark (``benchmarks/bench_lm_lds.py``) they scored level with
-        per-layer dense projections on the small model and above them on the medium one, at a
-        fraction of their cost (about a plain forward+backward pass; see the README)."""
+        """Factored features per layer (``vec(P_out^T G P_in)``), ``k x k`` with ``k`` half the
+        model's width between 32 and 48 (``factored_dims="auto"``,
+        :func:`~trak_fast.settings.auto_factored_dims`): on the language-model LDS benchmark
+        (``benchmarks/bench_lm_lds.py``) they scored level with per-layer dense projections on
+        the small model and above them on the medium one, at a fraction of their cost; 48 x 48
+        beat 32 x 32 on the wider model (see the README)."""
         return {"projection": "factored", "factored_dims": LM_FACTORED_DIMS}
 
     def preferred_scoring(self, features: Any) -> Dict[str, Any]:
