@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deps-$(shell echo '$(DEPS)' | sha1sum | cut -c1-12)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: test demo install info bench clean FORCE
+.PHONY: test demo install info bench peers clean FORCE
 
 $(STAMP):
 	rm -rf $(VENV)
@@ -38,6 +38,15 @@ info: install
 
 bench: install
 	$(PY) benchmarks/bench_project.py
+
+# Benchmark-only peers, never imported by trak_fast: kronfluence (bench_lm_lds's EK-FAC) and
+# bergson (bench_featurize), each without its own pins (they would replace torch), plus the
+# light packages they import.
+PEERS := kronfluence==1.0.1 bergson==2.5.1
+PEER_DEPS := accelerate einops einconv opt-einsum jaxtyping natsort simple-parsing petname ml_dtypes pyyaml jinja2 torchopt
+peers: install
+	$(PY) -m pip install --quiet --no-deps $(PEERS)
+	$(PY) -m pip install --quiet $(PEER_DEPS)
 
 clean:
 	rm -rf build trak_fast/_C*.so trak_fast/_build_info.py *.egg-info $(VENV)/.built-*

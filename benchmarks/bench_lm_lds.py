@@ -605,6 +605,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import lm_methods
+    lm_methods.SEED_OFFSET = args.seed_offset
     report = run(args)
     out = args.out or RESULTS / ("bench_lm_lds" + ("" if args.size == "small" else f"_{args.size}")
                                  + ("_completion" if args.completion else "") + ".json")

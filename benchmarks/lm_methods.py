@@ -109,6 +109,9 @@ def sampled_label_batches(model: torch.nn.Module, checkpoint: dict, batches: Seq
     return out
 
 
+#: Another draw of the prototypes' projections and sampled labels (bench_lm_lds --seed-offset).
+SEED_OFFSET = 0
+
 SPACES = {
     "dense": dict(proj_dim=DENSE_K, projection="dense"),
     "factored": dict(projection="factored"),
@@ -136,7 +139,7 @@ class Checkpoint:
         key = (space, kind)
         if key not in self.cache:
             t0 = time.perf_counter()
-            kwargs = dict(SPACES[space], seed=0, model_id=self.model_id, progress=False)
+            kwargs = dict(SPACES[space], seed=1000 * SEED_OFFSET, model_id=self.model_id, progress=False)
             if kind == "margin":
                 feats = trak_fast.featurize(self.model, self.checkpoint, self.train,
                                             task="language_modeling", **kwargs)
@@ -146,7 +149,7 @@ class Checkpoint:
             elif kind.startswith("fisher_chunks"):   # one draw; a row per (sequence, chunk of positions)
                 chunks = int(kind[13:])
                 sampled = sampled_label_batches(self.model, self.checkpoint, self.train,
-                                                seed=1_000 * self.model_id)
+                                                seed=1_000 * self.model_id + 10**6 * SEED_OFFSET)
                 parts = []
                 for c in range(chunks):
                     masked = []
@@ -173,7 +176,7 @@ class Checkpoint:
                 parts = []
                 for draw in range(draws):
                     sampled = sampled_label_batches(self.model, self.checkpoint, train,
-                                                    seed=1_000 * self.model_id + draw)
+                                                    seed=1_000 * self.model_id + draw + 10**6 * SEED_OFFSET)
                     parts.append(trak_fast.featurize(self.model, self.checkpoint, sampled,
                                                      task=LogProbTask(), out_to_loss=False, **kwargs))
                 feats = trak_fast.Features(torch.cat([p.phi for p in parts]), None, parts[0].layout)

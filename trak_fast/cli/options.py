@@ -100,7 +100,8 @@ _FEATURE_FLAGS = {
                        "[factored, unless a flag of the projection (--proj-dim, --kind, --nnz, "
                        "--gradients) is given: then dense]"),
     "factored_dims": dict(type=int, nargs=2, metavar=("K_OUT", "K_IN"),
-                          help="(k_out, k_in) per layer for --projection factored [32 32]"),
+                          help="(k_out, k_in) per layer for --projection factored [k k, k half "
+                          "the model's width, 32 to 48]"),
     "gradients": dict(choices=["auto", "hooks", "vmap"],
                       help="how per-example gradients are computed [auto]"),
     "grad_wrt": dict(nargs="+", metavar="PARAM",

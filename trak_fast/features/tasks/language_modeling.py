@@ -101,7 +101,7 @@ class LanguageModelingTask(Task):
     #: Fisher better than 1 on the LM benchmark at no extra backward pass.
     fisher_chunks: int = 4
 
-    def __init__(self, fisher_chunks: int = 4):
+    def __init__(self, fisher_chunks: int = fisher_chunks):
         self.fisher_chunks = fisher_chunks
 
     def preferred_features(self) -> Dict[str, Any]:
