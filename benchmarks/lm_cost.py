@@ -1,6 +1,6 @@
 """The cost of the language-model defaults against raw per-example gradients (issue 24).
 
-``trak_fast.attribute(task="language_modeling")`` at its defaults (factored 32 x 32 features,
+``trak_fast.attribute(task="language_modeling")`` at its defaults (factored k x k features, k from the width,
 per-layer Fisher with 4 rows per sequence) against the gradient dot product on raw per-example
 gradients (``featurize(proj_dim=None)`` of the train loss and the targets' margins, then one
 product): the models, data and code of ``bench_lm_lds.py`` (its cached full-data checkpoint 0),
