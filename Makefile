@@ -43,10 +43,11 @@ bench: install
 # bergson (bench_featurize), each without its own pins (they would replace torch), plus the
 # light packages they import.
 PEERS := kronfluence==1.0.1 bergson==2.5.1
-PEER_DEPS := accelerate einops einconv opt-einsum jaxtyping natsort simple-parsing petname ml_dtypes pyyaml jinja2 torchopt
+PEER_DEPS := accelerate einops einconv opt-einsum jaxtyping natsort simple-parsing petname ml_dtypes pyyaml jinja2 torchopt peft
 peers: install
 	$(PY) -m pip install --quiet --no-deps $(PEERS)
 	$(PY) -m pip install --quiet $(PEER_DEPS)
+	$(PY) -c "import bergson, kronfluence"
 
 clean:
 	rm -rf build trak_fast/_C*.so trak_fast/_build_info.py *.egg-info $(VENV)/.built-*
