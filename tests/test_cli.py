@@ -182,6 +182,12 @@ def test_optimizer_state_flag_equals_trak_in_python(files, gpt2_run, capsys, tmp
             "--data", files["train"], "--proj-dim", PROJ_DIM, "--batch-size", BATCH, "--no-progress"]
     code, err = _error(capsys, *args, "--optimizer-state", paths[0])
     assert code != 0 and "--optimizer-state needs one file per checkpoint: 1 for 2" in err
+    # The second file lacks a parameter: refused at the start, before checkpoint 0 is featurized.
+    bad = tmp_path / "bad.pt"
+    torch.save({n: v for n, v in states[1].items() if n != "transformer.wpe.weight"}, bad)
+    code, err = _error(capsys, *args, "--optimizer-state", paths[0], bad)
+    assert code != 0 and f"--optimizer-state {str(bad)!r} has no second moment for" in err
+    assert "transformer.wpe.weight" in err and not list(store.glob("**/*.npy"))
     assert run(*args, "--optimizer-state", *paths) == 0
     assert run("score", store, "--data", files["queries"], "--no-progress") == 0
     got = np.load(store / "experiment_queries" / "scores.npy")

@@ -114,9 +114,29 @@ def _load_optimizer_state(path: str) -> Any:
     if not os.path.isfile(path):
         raise CLIError(f"--optimizer-state {path!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:               # memory-mapped: a check reads only what it touches
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)   # legacy format
     except Exception as exc:
         raise CLIError(f"--optimizer-state {path!r}: cannot read it: {exc}") from exc
+
+
+def _check_optimizer_states(paths: List[str], model, features: FeatureSettings) -> None:
+    """Each ``--optimizer-state`` file read and matched to the featurized parameters (names,
+    shapes, finite non-negative moments) before anything is featurized."""
+    from ..features.gradients.second_moment import SecondMoments
+    from ..features.spec import FeatureSpec
+    names = FeatureSpec(model, LanguageModelingTask(), features).grad_names
+    for path in paths:
+        try:
+            SecondMoments.from_state(_load_optimizer_state(path), model, names,
+                                     torch.device("cpu"), torch.float32,
+                                     where=f"--optimizer-state {path!r}")
+        except (TypeError, ValueError) as exc:
+            raise CLIError(str(exc)) from exc
 
 
 def _file_fingerprint(path: str) -> str:
@@ -142,8 +162,7 @@ def prepare_build(options: BuildOptions):
     if states and len(states) != len(specs):
         raise CLIError(f"--optimizer-state needs one file per checkpoint: {len(states)} for "
                        f"{len(specs)} checkpoint(s)")
-    for path in states:
-        _load_optimizer_state(path)          # readable, before anything is featurized
+    _check_optimizer_states(states, model, options.features)
     record = record_of(options)
     record["optimizer_state"] = [os.path.abspath(p) for p in states]
     if states:          # absent without: stores built before the flag resume as they were
