@@ -77,10 +77,10 @@ def auto_factored_dims(width: int) -> Tuple[int, int]:
         k = min(AUTO_FACTORED_MAX, max(AUTO_FACTORED_MIN, width // 2))
 
     Half the width, between 32 and 48. Chosen on the language-model LDS benchmark
-    (``benchmarks/bench_lm_lds.py``, three draws of the projections and labels each): on the
+    (``benchmarks/bench_lm_lds.py``, several draws of the projections and labels): on the
     width-64 model 32 x 32 (the width rule's value; a larger ``k`` costs it more than the
-    raw gradients), on the width-96 model 48 x 48 beat 32 x 32 in each draw (+0.005, +0.006,
-    +0.003 LDS) while 64 x 64 added 0.001 more at 1.4x the time. The cap keeps a wide
+    raw gradients), on the width-96 model 48 x 48 beat 32 x 32 in each of four draws (+0.005,
+    +0.006, +0.003, +0.002 LDS) while 64 x 64 added 0.001 more (three draws) at 1.4x the time. The cap keeps a wide
     model's features (``k^2`` per matrix) and per-layer Fisher (``k^4`` per layer) bounded."""
     return (min(AUTO_FACTORED_MAX, max(AUTO_FACTORED_MIN, int(width) // 2)),) * 2
 
