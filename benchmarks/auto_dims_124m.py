@@ -12,11 +12,8 @@ times after one untimed call each; prints seconds and the ratio, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 def main(argv=None) -> dict:
     import trak_fast
-    from kernel_choice import cpu_model
+    from lm_cost import alternate, write_report
     from transformers import GPT2Config, GPT2LMHeadModel
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -49,34 +46,20 @@ def main(argv=None) -> dict:
         return trak_fast.attribute(model, [checkpoint], train, targets, task="language_modeling",
                                    projection="factored", factored_dims=dims, progress=False)
 
-    for name, dims in choices.items():       # untimed: first calls, allocator
-        call(dims)
+    for name, dims in choices.items():
         spec = trak_fast.Featurizer(model, checkpoint, task="language_modeling",
                                     projection="factored", factored_dims=dims).spec
         features[name] = {"factored_dims": list(spec.factored_dims), "features": spec.num_features}
-    seconds = {name: [] for name in choices}
-    for _ in range(args.repeat):
-        for name, dims in choices.items():
-            start = time.perf_counter()
-            call(dims)
-            seconds[name].append(time.perf_counter() - start)
-    auto, base = seconds["auto (48 x 48)"], seconds["32 x 32"]
-    report = {"n": args.n, "tokens": args.tokens, "features": features, "seconds": seconds,
-              "ratio_min": min(auto) / min(base),
-              "ratio_median": statistics.median(auto) / statistics.median(base),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-                         f"threads, load average {os.getloadavg()[0]:.1f} at the end",
-              "torch": torch.__version__}
+    timed = alternate({name: (lambda dims=dims: call(dims)) for name, dims in choices.items()},
+                      args.repeat, "auto (48 x 48)", "32 x 32")
+    seconds = timed["seconds"]
     print(f"{'factored_dims':16s} {'features':>9s} {'s (min / median)':>18s}")
     for name in choices:
         print(f"{name:16s} {features[name]['features']:9d} {min(seconds[name]):8.1f} / "
               f"{statistics.median(seconds[name]):5.1f}")
-    print(f"auto / 32 x 32: {report['ratio_min']:.2f} (min), {report['ratio_median']:.2f} (median)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
-    return report
+    print(f"auto / 32 x 32: {timed['ratio_min']:.2f} (min), {timed['ratio_median']:.2f} (median)")
+    return write_report({"n": args.n, "tokens": args.tokens, "features": features, **timed},
+                        args.out)
 
 
 if __name__ == "__main__":

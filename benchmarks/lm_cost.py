@@ -25,6 +25,36 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+def alternate(methods: dict, repeat: int, ours: str, base: str) -> dict:
+    """``{"seconds": {name: [s, ...]}, "ratio_min", "ratio_median"}``: each callable of
+    ``methods`` once untimed (first calls, allocator, module probing), then all of them in turn
+    ``repeat`` times; the ratios are ``ours``'s time over ``base``'s."""
+    seconds = {name: [] for name in methods}
+    for fn in methods.values():
+        fn()
+    for _ in range(repeat):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    a, b = seconds[ours], seconds[base]
+    return {"seconds": seconds, "ratio_min": min(a) / min(b),
+            "ratio_median": statistics.median(a) / statistics.median(b)}
+
+
+def write_report(report: dict, out: Path) -> dict:
+    """``report`` with the date, machine and torch version added, written to ``out`` as JSON."""
+    from kernel_choice import cpu_model
+    report = {**report, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+                         f"thread(s), load average {os.getloadavg()[0]:.1f} at the end",
+              "torch": torch.__version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return report
+
+
 def measure(size: str, repeat: int) -> dict:
     import bench_lm_lds as B
     import lm_methods as L
@@ -45,25 +75,13 @@ def measure(size: str, repeat: int) -> dict:
         ck = L.Checkpoint(model, full["sd"], 0, train, targets, full["exp_avg_sq"])
         return L.grad_dot_scores(ck, "raw")[0]
 
-    methods = {"trak_fast defaults": defaults, "grad dot (raw)": grad_dot}
-    seconds = {name: [] for name in methods}
-    for fn in methods.values():          # untimed: first calls, allocator, module probing
-        fn()
-    for _ in range(repeat):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
-    ours, base = seconds["trak_fast defaults"], seconds["grad dot (raw)"]
+    timed = alternate({"trak_fast defaults": defaults, "grad dot (raw)": grad_dot}, repeat,
+                      "trak_fast defaults", "grad dot (raw)")
     return {"size": size, "model_params": sum(p.numel() for p in model.parameters()),
-            "n_train": args.n_train, "n_targets": args.n_targets, "seconds": seconds,
-            "ratio_min": min(ours) / min(base),
-            "ratio_median": statistics.median(ours) / statistics.median(base)}
+            "n_train": args.n_train, "n_targets": args.n_targets, **timed}
 
 
 def main(argv=None) -> dict:
-    from kernel_choice import cpu_model
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["small", "medium"])
     p.add_argument("--repeat", type=int, default=5)
@@ -78,14 +96,7 @@ def main(argv=None) -> dict:
         print(f"{r['size']:8s} {min(ours):11.2f} / {statistics.median(ours):5.2f}       "
               f"{min(base):11.2f} / {statistics.median(base):5.2f}       "
               f"{r['ratio_min']:10.2f} {r['ratio_median']:13.2f}")
-    report = {"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{cpu_model()}, {os.cpu_count()} cores, "
-                         f"1 torch thread, load average {os.getloadavg()[0]:.1f} at the end",
-              "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
-    return report
+    return write_report({"rows": rows}, args.out)
 
 
 if __name__ == "__main__":
