@@ -286,25 +286,29 @@ def method_table(args) -> Dict[str, tuple]:
     import lm_methods as L
 
     kf_dir = str(CACHE / "kronfluence")
+
+    def seed_of(ck) -> int:        # trak_fast's seed for checkpoint ck (--seed-offset: other draws)
+        return ck.model_id + 1000 * args.seed_offset
+
     table = {
         "trak_fast defaults": (lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id + 1000 * args.seed_offset, progress=False).double(), None),
+            seed=seed_of(ck), progress=False).double(), None),
             "trak_fast.attribute(task='language_modeling') with nothing else: factored 32x32 "
             "features, per-layer Fisher of sampled labels (4 rows per sequence), lambda = 0.01 x mean eigenvalue"),
         **{f"trak_fast defaults, normalize={how}": (lambda ck, how=how: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id + 1000 * args.seed_offset, normalize=how, progress=False).double(), None),
+            seed=seed_of(ck), normalize=how, progress=False).double(), None),
             f"the defaults with ScoreSettings(normalize={how!r}): unit-norm train rows, targets or both")
            for how in ("train", "targets", "both")},
         "trak_fast defaults, Adam-normalized": (lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id + 1000 * args.seed_offset, optimizer_states=[adam_v_hat(ck, args)], progress=False).double(), None),
+            seed=seed_of(ck), optimizer_states=[adam_v_hat(ck, args)], progress=False).double(), None),
             "the defaults with optimizer_states=: every gradient divided by Adam's sqrt(v_hat) + 1e-8 "
             "(factored: its rank-one form), TrackStar's normalization"),
         "trak_fast defaults, Adam-normalized, normalize=both": (lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id + 1000 * args.seed_offset, optimizer_states=[adam_v_hat(ck, args)], normalize="both",
+            seed=seed_of(ck), optimizer_states=[adam_v_hat(ck, args)], normalize="both",
             progress=False).double(), None),
             "TrackStar's full recipe on top of the defaults: Adam-normalized, then unit norm both sides"),
         "trak_fast defaults (dense k=2048)": (lambda ck: L.trak_scores(ck, "dense"),
@@ -325,7 +329,7 @@ def method_table(args) -> Dict[str, tuple]:
     table["trak_fast curvature=fisher (library, per_layer)"] = (
         lambda ck: (trak_fast.attribute(
             ck.model, [ck.checkpoint], ck.train, ck.targets, task="language_modeling",
-            seed=ck.model_id + 1000 * args.seed_offset, proj_dim=2048, projection="per_layer", kernel="per_layer",
+            seed=seed_of(ck), proj_dim=2048, projection="per_layer", kernel="per_layer",
             curvature="fisher", progress=False).double(), None),
         "trak_fast.attribute(curvature='fisher', projection='per_layer', kernel='per_layer'): the "
         "library's form of the per-layer sampled-label Fisher (default damping 0.01)")
@@ -339,7 +343,7 @@ def method_table(args) -> Dict[str, tuple]:
                     lambda ck, space=space, c=c, kernel=kernel, chunks=chunks: (trak_fast.attribute(
                         ck.model, [ck.checkpoint], ck.train, ck.targets,
                         task=trak_fast.LanguageModelingTask(fisher_chunks=chunks),
-                        **dict(L.SPACES[space], seed=ck.model_id + 1000 * args.seed_offset), kernel=kernel,
+                        **dict(L.SPACES[space], seed=seed_of(ck)), kernel=kernel,
                         curvature="fisher", lambda_reg=c, progress=False).double(), None),
                     f"trak_fast.attribute(curvature='fisher', kernel={kernel!r}, lambda_reg={c:g}), "
                     f"{space} features (each row featurizes anew: its seconds are the whole call)")
